@@ -1,0 +1,173 @@
+"""Manifests, audio loading and batching shared by every task.
+
+A manifest is a JSONL file, one utterance per line, in the spirit of lhotse's recordings manifests::
+
+    {"id": "ks-000123", "path": "wavs/ks/ks-000123.wav", "duration_s": 1.0, "speaker": "spk017",
+     "split": "train", "keyword": "yes"}
+
+``path`` is relative to the manifest's ``root`` (or absolute). Besides the five fixed fields a row carries the
+task's label fields (``keyword``; ``action``/``object``/``location``; ``emotion`` and ``fold``; ``text``;
+``phonemes`` as space-separated symbols). Those extra fields travel in ``Utterance.labels``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+SAMPLE_RATE = 16000
+_FIXED_FIELDS = ("id", "path", "duration_s", "speaker", "split")
+
+
+class DataError(ValueError):
+    """A dataset or audio file that does not match what a task expects (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    id: str
+    path: str
+    duration_s: float
+    speaker: str
+    split: str
+    labels: dict = field(default_factory=dict)
+
+    def to_row(self) -> dict:
+        row = {"id": self.id, "path": self.path, "duration_s": round(float(self.duration_s), 4),
+               "speaker": self.speaker, "split": self.split}
+        row.update(self.labels)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict, source: str = "<manifest>") -> Utterance:
+        missing = [k for k in _FIXED_FIELDS if k not in row]
+        if missing:
+            raise DataError(f"{source}: manifest row {row.get('id', '?')!r} lacks field(s) {missing}")
+        labels = {k: v for k, v in row.items() if k not in _FIXED_FIELDS}
+        return cls(str(row["id"]), str(row["path"]), float(row["duration_s"]), str(row["speaker"]),
+                   str(row["split"]), labels)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to a temporary file beside ``path``, flush and fsync it, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_manifest(path: str | os.PathLike, utterances: Iterable[Utterance]) -> None:
+    lines = [json.dumps(u.to_row(), ensure_ascii=False, sort_keys=False) for u in utterances]
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+
+
+def read_manifest(path: str | os.PathLike) -> list[Utterance]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found")
+    utterances = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            utterances.append(Utterance.from_row(row, f"{path}:{line_no}"))
+    return utterances
+
+
+def resolve_audio_path(utt: Utterance, root: str | os.PathLike | None) -> Path:
+    p = Path(utt.path)
+    return p if p.is_absolute() or root is None else Path(root) / p
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Read a mono audio file as float32 ``[S]``; refuse anything that would give silently wrong numbers.
+
+    Files at another sample rate are resampled with a polyphase filter (scipy); multi-channel audio, empty
+    files and non-finite samples are refused with a one-line error naming the file.
+    """
+    path = Path(path)
+    try:
+        audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises several types; one clear message for all
+        raise DataError(f"{path}: cannot read audio ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if audio.shape[1] != 1:
+        raise DataError(f"{path}: expected mono audio, found {audio.shape[1]} channels")
+    audio = audio[:, 0]
+    if audio.size == 0:
+        raise DataError(f"{path}: audio file is empty")
+    if not np.isfinite(audio).all():
+        raise DataError(f"{path}: audio contains NaN or infinite samples")
+    if sr != sample_rate:
+        from math import gcd
+
+        from scipy.signal import resample_poly
+
+        g = gcd(sr, sample_rate)
+        audio = resample_poly(audio, sample_rate // g, sr // g).astype(np.float32)
+    return audio
+
+
+def crop_or_pad(audio: np.ndarray, num_samples: int, offset: int = 0) -> np.ndarray:
+    """Take ``num_samples`` starting at ``offset``; zero-pad at the end if the audio is shorter."""
+    out = audio[offset: offset + num_samples]
+    if out.shape[0] < num_samples:
+        out = np.pad(out, (0, num_samples - out.shape[0]))
+    return out
+
+
+def collate_audio(waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad waveforms into ``wavs [B, S_max]`` float32 with ``wav_lengths [B]`` int64."""
+    lengths = torch.tensor([w.shape[0] for w in waves], dtype=torch.long)
+    wavs = torch.zeros(len(waves), int(lengths.max()), dtype=torch.float32)
+    for i, w in enumerate(waves):
+        wavs[i, : w.shape[0]] = torch.from_numpy(np.ascontiguousarray(w))
+    return wavs, lengths
+
+
+def bucket_by_duration(durations_s: Sequence[float], max_batch_s: float, max_batch_size: int | None = None,
+                       ) -> list[list[int]]:
+    """Group indices into batches of similar length whose padded size stays under ``max_batch_s`` seconds.
+
+    Indices are sorted by duration, then cut greedily so that ``len(batch) * longest <= max_batch_s``
+    (a single utterance longer than the cap forms its own batch). Returns batches in sorted order; callers
+    shuffle the batch order if they train on it.
+    """
+    order = sorted(range(len(durations_s)), key=lambda i: durations_s[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = durations_s[i]  # sorted ascending, so the newcomer is the longest
+        full = max_batch_size is not None and len(current) >= max_batch_size
+        if current and (full or (len(current) + 1) * longest > max_batch_s):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start: start + size]
