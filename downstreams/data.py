@@ -171,3 +171,13 @@ def bucket_by_duration(durations_s: Sequence[float], max_batch_s: float, max_bat
 def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start: start + size]
+
+
+def load_utterance_audio(utt: Utterance, root: str | os.PathLike | None,
+                         sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Load an utterance's samples; rows with ``offset_s`` are a ``duration_s`` crop of a longer file."""
+    audio = load_audio(resolve_audio_path(utt, root), sample_rate)
+    if "offset_s" in utt.labels:
+        start = int(round(float(utt.labels["offset_s"]) * sample_rate))
+        audio = crop_or_pad(audio, int(round(utt.duration_s * sample_rate)), start)
+    return audio

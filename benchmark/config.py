@@ -1,0 +1,243 @@
+"""Recipes: YAML files parsed into frozen dataclasses, with ``key.sub=value`` overrides.
+
+A recipe has fixed sections (``data``, ``featurizer``, ``optim``, ``train``) and one task-specific section,
+``task_options``, parsed by the task's own options dataclass. Unknown keys are errors that list the valid ones.
+Values are plain YAML scalars (``yaml.safe_load``): no object construction, no ``eval``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema (one-line message naming the source)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "synth"  # "synth" = the bundled synthetic corpus; "real" = a corpus found at `root`
+    profile: str = "small"  # synthetic corpus profile: tiny | small
+    synth_seed: int = 0  # seed of the synthetic corpus generator
+    root: str | None = None  # real corpus location (the task says which layout it expects)
+
+
+@dataclass(frozen=True)
+class FeaturizerConfig:
+    layer_norm: bool = False  # per-layer layer norm before the weighted sum (SUPERB default: off)
+    layer: int | None = None  # use this single hidden state instead of the learned weighted sum
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adam"  # adam | adamw
+    lr: float = 1.0e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 1000  # optimizer updates
+    batch_size: int = 32  # utterances per micro-batch (pooled features) or upper bound (frames)
+    grad_accum: int = 1  # micro-batches per optimizer update
+    eval_every: int = 100  # steps between dev evaluations (and checkpoints)
+    log_every: int = 50
+    seed: int = 0
+    max_batch_s: float = 160.0  # cap on padded audio seconds per micro-batch when batching by length
+    eval_batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str
+    recipe: str = "custom"
+    description: str = ""
+    cache: str = "auto"  # auto | pooled | off
+    data: DataConfig = field(default_factory=DataConfig)
+    featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    task_options: Any = None  # the task's own frozen options dataclass
+
+
+CACHE_MODES = ("auto", "pooled", "off")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and gently coerce) a YAML scalar to the annotated field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict | None, where: str) -> Any:
+    """Build a frozen dataclass from a mapping, rejecting unknown keys and wrong types."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(names)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing required key {f.name!r}")
+            continue
+        value, tp = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = from_dict(tp, value, f"{where}.{f.name}")
+        else:
+            kwargs[f.name] = _coerce(value, tp, f"{where}.{f.name}")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-3"`` -> (["optim", "lr"], "1e-3" parsed as a YAML scalar)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of the raw recipe mapping with every ``key.sub=value`` applied."""
+    raw = json.loads(json.dumps(raw))  # deep copy of plain YAML data
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def recipes_root() -> Path:
+    return Path(str(resources.files("recipes")))
+
+
+def list_recipes() -> list[str]:
+    root = recipes_root()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A recipe name like ``synth/ks`` (shipped with the package) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    shipped = recipes_root() / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"recipe {name_or_path!r} not found; shipped recipes: {', '.join(list_recipes())}")
+
+
+def load_raw_recipe(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    return raw
+
+
+def build_run_config(raw: dict, options_cls: type, where: str) -> RunConfig:
+    """Parse a raw recipe mapping; ``task_options`` goes through the task's own dataclass."""
+    raw = dict(raw)
+    task_options = from_dict(options_cls, raw.pop("task_options", None), f"{where}: task_options")
+    cfg = from_dict(RunConfig, raw, where)
+    if cfg.cache not in CACHE_MODES:
+        raise ConfigError(f"{where}: cache must be one of {', '.join(CACHE_MODES)}, got {cfg.cache!r}")
+    if cfg.optim.name not in ("adam", "adamw"):
+        raise ConfigError(f"{where}: optim.name must be adam or adamw, got {cfg.optim.name!r}")
+    return dataclasses.replace(cfg, task_options=task_options)
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_sha256(cfg: RunConfig) -> str:
+    text = json.dumps(config_to_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,78 @@
+"""Where a task's training batches come from: the frozen upstream, run on the fly or once (pooled).
+
+A feature source maps utterance indices to ``(hidden, lengths)``:
+- ``OnTheFlyFeatures``: loads audio and runs the upstream for every batch -> ``[B, L, T, D]`` + frame lengths ``[B]``
+  (what s3prl does at every training step);
+- ``PooledFeatures``: the masked time-mean of every layer computed once -> ``[B, L, D]`` and ``lengths=None``.
+  Exact for the utterance-level heads (see ``downstreams.heads.UtteranceLevelHead``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from downstreams.data import Utterance, bucket_by_duration, collate_audio, load_utterance_audio
+from downstreams.heads import masked_mean
+from upstreams.base import Upstream
+
+log = logging.getLogger("speechbench")
+
+
+def run_upstream(upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load and pad the audio of ``utts``, run the frozen upstream: ``hidden [B, L, T, D]``, ``lengths [B]``."""
+    waves = [load_utterance_audio(u, audio_root, upstream.sample_rate) for u in utts]
+    wavs, wav_lengths = collate_audio(waves)
+    with torch.inference_mode():
+        out = upstream(wavs, wav_lengths)
+        hidden = out.hidden if torch.is_tensor(out.hidden) else torch.stack(list(out.hidden), dim=1)
+    # inference tensors cannot enter autograd; a clone outside inference mode is an ordinary tensor
+    return hidden.clone(), out.lengths.clone()
+
+
+class OnTheFlyFeatures:
+    """Upstream forward at every request."""
+
+    def __init__(self, upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None):
+        self.upstream, self.utts, self.audio_root = upstream, list(utts), audio_root
+
+    def __len__(self) -> int:
+        return len(self.utts)
+
+    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return run_upstream(self.upstream, [self.utts[i] for i in indices], self.audio_root)
+
+
+class PooledFeatures:
+    """Per-layer time-means ``[N, L, D]`` held in memory."""
+
+    def __init__(self, pooled: torch.Tensor):
+        self.pooled = pooled
+
+    def __len__(self) -> int:
+        return self.pooled.shape[0]
+
+    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.pooled[list(indices)], None
+
+
+def extract_pooled(upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None,
+                   max_batch_s: float = 160.0, desc: str = "extract") -> torch.Tensor:
+    """Masked time-mean of every hidden state for every utterance: ``[N, L, D]`` float32.
+
+    Batches are bucketed by duration and capped by total padded audio seconds.
+    """
+    pooled = torch.zeros(len(utts), upstream.num_layers, upstream.hidden_size)
+    batches = bucket_by_duration([u.duration_s for u in utts], max_batch_s)
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=None, leave=False):
+        hidden, lengths = run_upstream(upstream, [utts[i] for i in batch], audio_root)
+        b, num_layers, t, d = hidden.shape
+        # [B, L, T, D] -> [B, T, L*D] so one masked mean pools every layer at once
+        means = masked_mean(hidden.permute(0, 2, 1, 3).reshape(b, t, num_layers * d), lengths)
+        pooled[batch] = means.reshape(b, num_layers, d).float()
+    return pooled

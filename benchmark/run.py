@@ -1,0 +1,242 @@
+"""One evaluation: (upstream, task, recipe) -> trained heads -> result.json files.
+
+Learning-rate and seed lists share one set of features: the frozen upstream is run once per split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from benchmark.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    build_run_config,
+    config_sha256,
+    config_to_dict,
+    find_recipe,
+    load_raw_recipe,
+)
+from benchmark.features import OnTheFlyFeatures, PooledFeatures, extract_pooled
+from benchmark.results import SCHEMA_VERSION, git_sha, package_versions, read_result, utc_now, write_result
+from benchmark.train import DownstreamModel, evaluate, train
+from downstreams.data import atomic_write_text, write_manifest
+from downstreams.featurizer import WeightedLayerSum
+from downstreams.tasks import PreparedData, Task, get_task
+from upstreams.registry import build_upstream
+
+log = logging.getLogger("speechbench")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    upstream: str
+    task: str
+    recipe: str | None = None  # default: synth/<task> without a data root, superb/<task> with one
+    data_root: str | None = None
+    overrides: tuple[str, ...] = ()
+    lrs: tuple[float, ...] = ()  # empty: the recipe's optim.lr
+    seeds: tuple[int, ...] = ()  # empty: the recipe's train.seed
+    layer: int | None = None
+    cache: str | None = None
+    fold: int | None = None
+    out_dir: str = "results"
+    rerun: bool = False
+
+
+def default_recipe(task: str, data_root: str | None) -> str:
+    return f"superb/{task}" if data_root else f"synth/{task}"
+
+
+def data_root_for(req: RunRequest, task: Task) -> str | None:
+    """``--data-root``, else ``$SPEECHBENCH_DATA_ROOT/<the task's real corpus folder>``, else None (synthetic)."""
+    if req.data_root:
+        return req.data_root
+    env = os.environ.get("SPEECHBENCH_DATA_ROOT")
+    return str(Path(env) / task.real_corpus) if env else None
+
+
+def resolve_config(req: RunRequest, task: Task) -> RunConfig:
+    """Recipe + command-line flags + ``key.sub=value`` overrides -> a validated RunConfig."""
+    data_root = data_root_for(req, task)
+    recipe = req.recipe or default_recipe(task.name, data_root)
+    path = find_recipe(recipe)
+    raw = load_raw_recipe(path)
+    if raw.get("task", task.name) != task.name:
+        raise ConfigError(f"{path}: recipe is for task {raw.get('task')!r}, not {task.name!r}")
+    raw.setdefault("task", task.name)
+    raw["recipe"] = recipe
+    flags = []
+    if data_root:
+        flags += ["data.corpus=real", f"data.root={data_root}"]
+    if req.layer is not None:
+        flags.append(f"featurizer.layer={req.layer}")
+    if req.cache:
+        flags.append(f"cache={req.cache}")
+    raw = apply_overrides(raw, flags + list(req.overrides))
+    return build_run_config(raw, task.options_cls, str(path))
+
+
+def _tag(value: float) -> str:
+    return f"{value:g}".replace("+", "")
+
+
+def run_dir_for(out_dir: Path, upstream: str, cfg: RunConfig, fold: int | None, rerun: bool) -> Path:
+    sha = config_sha256(cfg)[:8]
+    fold_tag = f"-fold{fold}" if fold is not None else ""
+    name = f"{cfg.recipe.replace('/', '-')}{fold_tag}-lr{_tag(cfg.optim.lr)}-seed{cfg.train.seed}-{sha}"
+    base = out_dir / upstream.replace("/", "_").replace(":", "_") / cfg.task / name
+    if not rerun:
+        return base
+    k = 2
+    while base.with_name(f"{name}-r{k}").exists():
+        k += 1
+    return base.with_name(f"{name}-r{k}")
+
+
+def _attach_log_file(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return handler
+
+
+def _upstream_record(upstream, name: str) -> dict:
+    return {"name": name, "checkpoint_sha256": getattr(upstream, "checkpoint_sha256", None),
+            "format": getattr(upstream, "checkpoint_format", "builtin"), "num_layers": upstream.num_layers,
+            "hidden_size": upstream.hidden_size, "downsample_rate": upstream.downsample_rate,
+            "versions": package_versions()}
+
+
+class FeatureSet:
+    """The features of every split, computed once and shared by every learning rate and seed."""
+
+    def __init__(self, upstream, task: Task, prepared: PreparedData, cfg: RunConfig):
+        self.pooled = task.granularity == "pooled" and cfg.cache in ("auto", "pooled")
+        if cfg.cache == "pooled" and task.granularity != "pooled":
+            raise ConfigError(f"cache=pooled is exact only for utterance-level tasks; {task.name} needs frames")
+        if self.pooled and cfg.featurizer.layer_norm:
+            raise ConfigError("featurizer.layer_norm is not linear, so it cannot train on pooled features; "
+                              "set cache=off")
+        self.sources = {}
+        for split, utts in prepared.splits.items():
+            if self.pooled:
+                t0 = time.perf_counter()
+                pooled = extract_pooled(upstream, utts, prepared.audio_root, cfg.train.max_batch_s, f"extract {split}")
+                log.info("extracted pooled features of %d %s utterances in %.1f s", len(utts), split,
+                         time.perf_counter() - t0)
+                self.sources[split] = PooledFeatures(pooled)
+            else:
+                self.sources[split] = OnTheFlyFeatures(upstream, utts, prepared.audio_root)
+
+
+def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepared: PreparedData,
+                    features: FeatureSet, run_dir: Path, fold: int | None) -> dict:
+    """Train one head, pick the best dev checkpoint, score it on test, write result.json."""
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    featurizer = WeightedLayerSum(upstream.num_layers, cfg.featurizer.layer_norm, cfg.featurizer.layer)
+    model = DownstreamModel(featurizer, task.build_head(upstream.hidden_size, prepared, cfg.task_options))
+    train_utts, dev_utts, test_utts = (prepared.splits[s] for s in ("train", "dev", "test"))
+    state = train(model, task, cfg, features.sources["train"], task.targets(train_utts, prepared),
+                  [u.duration_s for u in train_utts], features.sources["dev"], task.references(dev_utts, prepared),
+                  run_dir / "checkpoints", frame_batches=not features.pooled)
+    model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True))
+    scores, predictions = evaluate(model, task, features.sources["test"], task.references(test_utts, prepared),
+                                   cfg.train.eval_batch_size)
+    atomic_write_text(run_dir / "predictions.tsv", "".join(
+        f"{u.id}\t{p}\t{r}\n" for u, p, r in zip(test_utts, predictions, task.references(test_utts, prepared),
+                                                 strict=True)))
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "upstream": _upstream_record(upstream, req.upstream),
+        "task": task.name,
+        "recipe": {"name": cfg.recipe, "config_sha256": config_sha256(cfg)},
+        "data": {"corpus": prepared.corpus, **prepared.info},
+        "split": "test", "fold": fold,
+        "metric": task.metric, "value": scores[task.metric], "unit": task.unit,
+        "higher_is_better": task.higher_is_better,
+        "extra_metrics": {**{k: v for k, v in scores.items() if k != task.metric},
+                          f"dev_{task.metric}": state.best_dev},
+        "learning_rate": cfg.optim.lr, "seed": cfg.train.seed, "selected": True,
+        "features": "pooled" if features.pooled else "frames (upstream on the fly)",
+        "layer_weights": model.featurizer.layer_weights(), "layer": cfg.featurizer.layer,
+        "best_step": state.best_step, "steps": state.step,
+        "wall_time_s": round(time.perf_counter() - t0, 2), "git_sha": git_sha(), "timestamp": utc_now(),
+        "run_id": run_dir.name,
+    }
+    write_result(run_dir / "result.json", result)
+    return result
+
+
+def mark_selected(results: list[tuple[Path, dict]], task: Task) -> None:
+    """Within each (fold, seed) group of a learning-rate sweep, mark the best-on-dev run as selected."""
+    groups: dict[tuple, list[tuple[Path, dict]]] = {}
+    for path, result in results:
+        groups.setdefault((result["fold"], result["seed"]), []).append((path, result))
+    for group in groups.values():
+        dev_key = f"dev_{task.metric}"
+        sign = 1 if task.higher_is_better else -1
+        best_path, _ = max(group, key=lambda pr: sign * pr[1]["extra_metrics"][dev_key])
+        for path, result in group:
+            selected = path == best_path
+            if result.get("selected") != selected:
+                result["selected"] = selected
+                write_result(path / "result.json", result)
+
+
+def run(req: RunRequest) -> list[dict]:
+    """Run every (fold, seed, learning rate) of the request; return their result rows."""
+    task = get_task(req.task)
+    base_cfg = resolve_config(req, task)
+    source = "the synthetic corpus (a smoke benchmark, not SUPERB numbers)" if base_cfg.data.corpus == "synth" \
+        else f"the real corpus at {base_cfg.data.root}"
+    log.info("task %s, upstream %s, recipe %s, data: %s", task.name, req.upstream, base_cfg.recipe, source)
+    upstream = build_upstream(req.upstream)
+    folds: list[int | None] = [req.fold] if req.fold is not None else (list(task.folds) or [None])
+    lrs = list(req.lrs) or [base_cfg.optim.lr]
+    seeds = list(req.seeds) or [base_cfg.train.seed]
+    out_dir = Path(req.out_dir)
+    rows: list[tuple[Path, dict]] = []
+    for fold in folds:
+        fold_cfg = base_cfg if fold is None else dataclasses.replace(
+            base_cfg, task_options=dataclasses.replace(base_cfg.task_options, fold=fold))
+        prepared = task.prepare(fold_cfg.data, fold_cfg.task_options)
+        log.info("data: %s", ", ".join(f"{s} {len(u)}" for s, u in prepared.splits.items()))
+        features = None
+        for seed in seeds:
+            for lr in lrs:
+                cfg = dataclasses.replace(fold_cfg, optim=dataclasses.replace(fold_cfg.optim, lr=lr),
+                                          train=dataclasses.replace(fold_cfg.train, seed=seed))
+                run_dir = run_dir_for(out_dir, req.upstream, cfg, fold, req.rerun)
+                if (run_dir / "result.json").exists():
+                    log.info("already done: %s (pass --rerun for a new run)", run_dir / "result.json")
+                    rows.append((run_dir, read_result(run_dir / "result.json")))
+                    continue
+                run_dir.mkdir(parents=True, exist_ok=True)
+                handler = _attach_log_file(run_dir)
+                try:
+                    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+                    for split, utts in prepared.splits.items():
+                        write_manifest(run_dir / "manifests" / f"{split}.jsonl", utts)
+                    log.info("run %s: lr %g, seed %d%s", run_dir, lr, seed, f", fold {fold}" if fold else "")
+                    if features is None:
+                        features = FeatureSet(upstream, task, prepared, cfg)
+                    result = train_and_score(req, task, cfg, upstream, prepared, features, run_dir, fold)
+                    log.info("test %s = %.2f%s (best dev step %d) -> %s", task.metric, result["value"], task.unit,
+                             result["best_step"], run_dir / "result.json")
+                    rows.append((run_dir, result))
+                finally:
+                    log.removeHandler(handler)
+                    handler.close()
+    if len(lrs) > 1:
+        mark_selected(rows, task)
+    return [r for _, r in rows]

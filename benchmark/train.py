@@ -1,0 +1,190 @@
+"""The one training loop every task uses: explicit, seeded, resumable.
+
+Batch order is a pure function of ``(seed, epoch)``, and the torch RNG state is saved with each checkpoint, so a
+run resumed from its last checkpoint takes exactly the steps an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from benchmark.config import RunConfig
+from downstreams.data import bucket_by_duration
+from downstreams.featurizer import WeightedLayerSum
+from downstreams.tasks import Task
+
+log = logging.getLogger("speechbench")
+
+
+class DownstreamModel(nn.Module):
+    """WeightedLayerSum + task head: ``hidden [B, L, T, D]`` or pooled ``[B, L, D]`` -> head output."""
+
+    def __init__(self, featurizer: WeightedLayerSum, head: nn.Module):
+        super().__init__()
+        self.featurizer, self.head = featurizer, head
+
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor | None) -> Any:
+        return self.head(self.featurizer(hidden), lengths)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best_step: int = -1
+    best_dev: float | None = None
+    history: list = field(default_factory=list)
+
+
+class BatchSchedule:
+    """Micro-batches of utterance indices for every epoch, deterministic in ``(seed, epoch)``.
+
+    Pooled features: a seeded permutation cut into ``batch_size`` chunks. Frame features: length buckets capped by
+    ``max_batch_s`` padded seconds (and ``batch_size``), visited in a seeded order.
+    """
+
+    def __init__(self, durations_s: Sequence[float], batch_size: int, seed: int, max_batch_s: float | None):
+        self.durations_s, self.batch_size = list(durations_s), batch_size
+        self.seed, self.max_batch_s = seed, max_batch_s
+        self._epoch, self._batches = -1, []
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            if self.max_batch_s is None:
+                order = rng.permutation(len(self.durations_s)).tolist()
+                self._batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            else:
+                buckets = bucket_by_duration(self.durations_s, self.max_batch_s, self.batch_size)
+                self._batches = [buckets[i] for i in rng.permutation(len(buckets))]
+            self._epoch = epoch
+        return self._batches
+
+    def micro_batch(self, index: int) -> list[int]:
+        """The ``index``-th micro-batch since the start of training."""
+        per_epoch = len(self.epoch_batches(0))
+        return self.epoch_batches(index // per_epoch)[index % per_epoch]
+
+
+def take(targets: Any, indices: Sequence[int]) -> Any:
+    if torch.is_tensor(targets):
+        return targets[list(indices)]
+    return [targets[i] for i in indices]
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def build_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
+    if cfg.optim.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+def evaluate(model: DownstreamModel, task: Task, source, references: list, batch_size: int,
+             max_batch_s: float | None = None, durations_s: Sequence[float] | None = None) -> tuple[dict, list]:
+    """Predict every utterance of ``source`` and score against ``references`` -> (scores, predictions)."""
+    model.eval()
+    n = len(source)
+    if max_batch_s is not None and durations_s is not None:
+        batches = bucket_by_duration(durations_s, max_batch_s, batch_size)
+    else:
+        batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    predictions: list = [None] * n
+    with torch.no_grad():
+        for batch in batches:
+            hidden, lengths = source.get(batch)
+            for i, p in zip(batch, task.predict(model(hidden, lengths), lengths), strict=True):
+                predictions[i] = p
+    model.train()
+    return task.score(predictions, references), predictions
+
+
+def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
+    return best is None or (value > best if higher_is_better else value < best)
+
+
+def train(model: DownstreamModel, task: Task, cfg: RunConfig, train_source, train_targets: Any,
+          train_durations_s: Sequence[float], dev_source, dev_references: list, ckpt_dir: Path,
+          frame_batches: bool = False, on_checkpoint: Callable[[int], None] | None = None) -> TrainState:
+    """Train ``model`` for ``cfg.train.max_steps`` updates, keeping the best dev checkpoint in ``ckpt_dir/best.pt``.
+
+    Resumes from ``ckpt_dir/last.pt`` when it exists. Returns the final state (best step and dev value).
+    """
+    tc = cfg.train
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(tc.seed)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    state = TrainState()
+    last = ckpt_dir / "last.pt"
+    if last.exists():
+        ckpt = torch.load(last, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        state = TrainState(ckpt["step"], ckpt["best_step"], ckpt["best_dev"], list(ckpt["history"]))
+        log.info("resumed from %s at step %d (best dev %s at step %d)", last, state.step, state.best_dev,
+                 state.best_step)
+    schedule = BatchSchedule(train_durations_s, tc.batch_size, tc.seed, tc.max_batch_s if frame_batches else None)
+    model.train()
+    bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", unit="step", disable=None)
+    running = []
+    while state.step < tc.max_steps:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for k in range(tc.grad_accum):
+            batch = schedule.micro_batch(state.step * tc.grad_accum + k)
+            hidden, lengths = train_source.get(batch)
+            loss = task.loss(model(hidden, lengths), take(train_targets, batch)) / tc.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+        if not np.isfinite(step_loss):
+            raise FloatingPointError(f"loss became {step_loss} at step {state.step + 1}; lower the learning rate")
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        state.step += 1
+        running.append(step_loss)
+        bar.update(1)
+        if state.step % tc.log_every == 0:
+            bar.set_postfix(loss=f"{np.mean(running):.4f}")
+            log.debug("step %d loss %.4f", state.step, np.mean(running))
+            running = []
+        if state.step % tc.eval_every == 0 or state.step == tc.max_steps:
+            scores, _ = evaluate(model, task, dev_source, dev_references, tc.eval_batch_size)
+            value = scores[task.metric]
+            improved = is_better(value, state.best_dev, task.higher_is_better)
+            if improved:
+                state.best_dev, state.best_step = value, state.step
+                atomic_torch_save(model.state_dict(), ckpt_dir / "best.pt")
+            state.history.append({"step": state.step, "loss": step_loss, f"dev_{task.metric}": value})
+            log.info("step %d/%d  loss %.4f  dev %s %.2f%s%s", state.step, tc.max_steps, step_loss, task.metric,
+                     value, task.unit, "  (best)" if improved else "")
+            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "torch_rng": torch.get_rng_state(), "step": state.step,
+                               "best_step": state.best_step, "best_dev": state.best_dev,
+                               "history": state.history}, last)
+            if on_checkpoint is not None:
+                on_checkpoint(state.step)
+    bar.close()
+    return state

@@ -1,0 +1,159 @@
+"""KS: keyword spotting, Speech Commands v0.01 protocol (12 classes, accuracy).
+
+Real corpus: ``--data-root`` is ``speech_commands_v0.01/`` (one folder per word, ``_background_noise_/``,
+``validation_list.txt``, ``testing_list.txt``); the official test set ``speech_commands_test_set_v0.01/`` is
+found beside it (or at ``task_options.test_root``). Train = every word file in neither list, dev = the
+validation list, test = the official test set (its own ``_unknown_`` and ``_silence_`` folders). Words outside
+the ten targets become ``_unknown_``; ``_silence_`` for train/dev is the background-noise files cut into
+consecutive 1 s crops, each crop assigned to dev when a hash of its name falls in the lowest 10 %.
+
+Synthetic corpus: ``ks/{train,dev,test}.jsonl`` of the generated corpus, same labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+from downstreams.data import DataError, Utterance, read_manifest
+from downstreams.heads import UtteranceLevelHead
+from downstreams.metrics import accuracy_percent
+from downstreams.tasks import PreparedData, Task, register_task
+
+WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+CLASSES = WORDS + ("_unknown_", "_silence_")
+BACKGROUND = "_background_noise_"
+REAL_CORPUS = "speech_commands_v0.01"
+
+
+@dataclass(frozen=True)
+class KSOptions:
+    projector_dim: int = 256
+    test_root: str | None = None  # official test set; default: speech_commands_test_set_v0.01 beside the root
+
+
+def _synth_splits(corpus_dir: Path) -> dict[str, list[Utterance]]:
+    return {split: read_manifest(corpus_dir / "ks" / f"{split}.jsonl") for split in ("train", "dev", "test")}
+
+
+def _expect(path: Path, what: str, layout: str) -> Path:
+    if not path.exists():
+        parent = path.parent
+        found = sorted(p.name for p in parent.iterdir())[:12] if parent.is_dir() else []
+        hint = f"; found in {parent}: {', '.join(found) or 'nothing'}" if parent.is_dir() else ""
+        raise DataError(f"{path}: expected {what} of the {layout} layout, not found{hint}")
+    return path
+
+
+def _read_list(path: Path) -> set[str]:
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+
+
+def _wav_utterance(root: Path, rel: str, split: str, keyword: str) -> Utterance:
+    info = sf.info(str(root / rel))
+    speaker = Path(rel).name.split("_nohash_")[0]
+    return Utterance(f"{split}/{rel}", rel, info.frames / info.samplerate, speaker, split, {"keyword": keyword})
+
+
+def _silence_crops(root: Path) -> dict[str, list[Utterance]]:
+    crops: dict[str, list[Utterance]] = {"train": [], "dev": []}
+    for wav in sorted((root / BACKGROUND).glob("*.wav")):
+        info = sf.info(str(wav))
+        for k in range(int(info.frames // info.samplerate)):
+            name = f"{wav.name}#{k}"
+            split = "dev" if int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10 == 0 else "train"
+            rel = f"{BACKGROUND}/{wav.name}"
+            crops[split].append(Utterance(f"{split}/{name}", rel, 1.0, "noise", split,
+                                          {"keyword": "_silence_", "offset_s": float(k)}))
+    return crops
+
+
+def prepare_real(root: Path, test_root: Path | None) -> dict[str, list[Utterance]]:
+    """Manifests for the real Speech Commands v0.01 layout (see the module docstring)."""
+    layout = REAL_CORPUS
+    _expect(root, "the corpus folder", layout)
+    val_list = _read_list(_expect(root / "validation_list.txt", "validation_list.txt", layout))
+    test_list = _read_list(_expect(root / "testing_list.txt", "testing_list.txt", layout))
+    _expect(root / BACKGROUND, f"the {BACKGROUND}/ folder", layout)
+    for word in WORDS:
+        _expect(root / word, f"the word folder {word}/", layout)
+    test_root = test_root or root.parent / "speech_commands_test_set_v0.01"
+    _expect(test_root, "the official test set folder (set task_options.test_root)", "speech_commands_test_set_v0.01")
+    splits: dict[str, list[Utterance]] = {"train": [], "dev": [], "test": []}
+    for word_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name != BACKGROUND):
+        keyword = word_dir.name if word_dir.name in WORDS else "_unknown_"
+        for wav in sorted(word_dir.glob("*.wav")):
+            rel = f"{word_dir.name}/{wav.name}"
+            if rel in test_list:
+                continue
+            split = "dev" if rel in val_list else "train"
+            splits[split].append(_wav_utterance(root, rel, split, keyword))
+    for split, crops in _silence_crops(root).items():
+        splits[split].extend(crops)
+    for label in CLASSES:
+        folder = _expect(test_root / label, f"the test folder {label}/", "speech_commands_test_set_v0.01")
+        for wav in sorted(folder.glob("*.wav")):
+            utt = _wav_utterance(test_root, f"{label}/{wav.name}", "test", label)
+            splits["test"].append(Utterance(utt.id, str(test_root / utt.path), utt.duration_s, utt.speaker,
+                                            "test", utt.labels))
+    for split, utts in splits.items():
+        if not utts:
+            raise DataError(f"{root}: no {split} utterances found in the {layout} layout")
+    return splits
+
+
+def prepare(data_cfg, options: KSOptions) -> PreparedData:
+    if data_cfg.corpus == "synth":
+        from downstreams.synth.corpus import ensure_corpus
+
+        corpus_dir = ensure_corpus(data_cfg.profile, data_cfg.synth_seed)
+        return PreparedData(corpus_dir, _synth_splits(corpus_dir), "synth", CLASSES,
+                            {"profile": data_cfg.profile, "root": str(corpus_dir)})
+    if not data_cfg.root:
+        raise DataError(f"KS on the real corpus needs --data-root pointing at {REAL_CORPUS}/")
+    root = Path(data_cfg.root)
+    test_root = Path(options.test_root) if options.test_root else None
+    return PreparedData(root, prepare_real(root, test_root), REAL_CORPUS, CLASSES, {"root": str(root)})
+
+
+def targets(utterances: Sequence[Utterance], prepared: PreparedData) -> torch.Tensor:
+    index = {c: i for i, c in enumerate(prepared.label_space)}
+    return torch.tensor([index[u.labels["keyword"]] for u in utterances], dtype=torch.long)
+
+
+def build_head(input_dim: int, prepared: PreparedData, options: KSOptions) -> torch.nn.Module:
+    return UtteranceLevelHead(input_dim, options.projector_dim, len(prepared.label_space))
+
+
+def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, target)
+
+
+def make_predict(classes: Sequence[str]):
+    def predict(logits: torch.Tensor, lengths: torch.Tensor | None = None) -> list[str]:
+        return [classes[i] for i in logits.argmax(dim=-1).tolist()]
+
+    return predict
+
+
+def references(utterances: Sequence[Utterance], prepared: PreparedData) -> list[str]:
+    return [u.labels["keyword"] for u in utterances]
+
+
+def score(predictions: list, refs: list) -> dict:
+    return {"accuracy": accuracy_percent(predictions, refs)}
+
+
+TASK = register_task(Task(
+    name="ks", metric="accuracy", unit="%", higher_is_better=True, granularity="pooled",
+    options_cls=KSOptions, prepare=prepare, targets=targets, build_head=build_head, loss=loss,
+    predict=make_predict(CLASSES), references=references, score=score,
+    summary="keyword spotting, 12 classes (10 words, _unknown_, _silence_), accuracy",
+    real_corpus=REAL_CORPUS,
+))

@@ -1,0 +1,92 @@
+"""The task contract and registry.
+
+A task is one module (``downstreams/ks.py`` ...) that builds a :class:`Task` from plain functions and registers it
+with ``@register_task``-style ``register_task(Task(...))``. Tasks never import each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from downstreams.data import Utterance
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A task's data, ready to train on: utterances per split plus what the head needs to know.
+
+    ``audio_root``: manifest paths are relative to it. ``corpus``: ``"synth"`` or the real corpus name.
+    ``label_space``: task-specific (e.g. the class list), used to build the head and to encode targets.
+    """
+
+    audio_root: Path
+    splits: dict[str, list[Utterance]]
+    corpus: str
+    label_space: Any = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything the runner needs to know about one downstream task.
+
+    prepare(data_cfg, options) -> PreparedData
+    targets(utterances, prepared) -> Tensor or list: training targets, indexable by utterance position
+    build_head(input_dim, prepared, options) -> nn.Module with forward(x, lengths):
+        x is ``[B, T, D]`` frames with ``lengths [B]``, or ``[B, D]`` pooled features with ``lengths=None``
+    loss(output, targets) -> scalar Tensor
+    predict(output, lengths) -> list of predictions (one per utterance)
+    references(utterances, prepared) -> list of references, same form as predictions
+    score(predictions, references) -> dict with at least ``metric`` (value in ``unit``)
+    """
+
+    name: str
+    metric: str
+    unit: str
+    higher_is_better: bool
+    granularity: str  # "pooled" (utterance-level head, exact on time-means) | "frames"
+    options_cls: type
+    prepare: Callable[..., PreparedData]
+    targets: Callable[[Sequence[Utterance], PreparedData], Any]
+    build_head: Callable[[int, PreparedData, Any], torch.nn.Module]
+    loss: Callable[[Any, Any], torch.Tensor]
+    predict: Callable[[Any, torch.Tensor | None], list]
+    references: Callable[[Sequence[Utterance], PreparedData], list]
+    score: Callable[[list, list], dict]
+    summary: str = ""
+    real_corpus: str = ""
+    folds: tuple[int, ...] = ()  # tasks evaluated over several folds (ER)
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} is registered twice")
+    if task.granularity not in ("pooled", "frames"):
+        raise ValueError(f"task {task.name!r}: granularity must be pooled or frames")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    _load_builtin_tasks()
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def list_tasks() -> list[Task]:
+    _load_builtin_tasks()
+    return [TASKS[n] for n in sorted(TASKS)]
+
+
+def _load_builtin_tasks() -> None:
+    # Importing a task module registers it; one line per task keeps "adding a task" to its own module + this list.
+    from downstreams import ks  # noqa: F401

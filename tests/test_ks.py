@@ -1,0 +1,67 @@
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from downstreams.data import DataError
+from downstreams.ks import CLASSES, WORDS, prepare_real
+
+EXTRA_WORDS = ("bed", "cat")
+
+
+def _wav(path: Path, seconds: float = 1.0, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sf.write(path, (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
+
+
+def make_speech_commands(base: Path) -> tuple[Path, Path]:
+    """A tiny tree in the real Speech Commands v0.01 layout (noise instead of speech)."""
+    root, test_root = base / "speech_commands_v0.01", base / "speech_commands_test_set_v0.01"
+    val, test = [], []
+    for w, word in enumerate(WORDS + EXTRA_WORDS):
+        for s in range(4):
+            rel = f"{word}/spk{s:02d}ab_nohash_0.wav"
+            _wav(root / rel, seed=w * 10 + s)
+            (val if s == 2 else test if s == 3 else []).append(rel)
+    _wav(root / "_background_noise_" / "white_noise.wav", seconds=12.5)
+    (root / "validation_list.txt").write_text("\n".join(val) + "\n")
+    (root / "testing_list.txt").write_text("\n".join(test) + "\n")
+    for c, label in enumerate(CLASSES):
+        _wav(test_root / label / f"t{c}_nohash_0.wav", seed=100 + c)
+    return root, test_root
+
+
+def test_prepare_real_speech_commands(tmp_path):
+    root, _ = make_speech_commands(tmp_path)
+    splits = prepare_real(root, None)
+    train = Counter(u.labels["keyword"] for u in splits["train"])
+    assert train["yes"] == 2 and train["_unknown_"] == 4  # bed + cat, two training files each
+    silence = [u for s in ("train", "dev") for u in splits[s] if u.labels["keyword"] == "_silence_"]
+    assert len(silence) == 12 and all(u.duration_s == 1.0 for u in silence)  # floor(12.5 s) one-second crops
+    assert sorted({u.labels["offset_s"] for u in silence}) == [float(k) for k in range(12)]
+    assert Counter(u.labels["keyword"] for u in splits["dev"])["no"] == 1
+    assert sorted(u.labels["keyword"] for u in splits["test"]) == sorted(CLASSES)
+    speech = {s: {u.path for u in splits[s] if u.labels["keyword"] != "_silence_"} for s in ("train", "dev")}
+    assert not speech["train"] & speech["dev"]
+    assert not {u.id for u in splits["train"]} & {u.id for u in splits["dev"]}
+    assert all(Path(u.path).is_absolute() for u in splits["test"])
+
+
+def test_wrong_layout_errors_name_what_was_expected(tmp_path):
+    root, test_root = make_speech_commands(tmp_path)
+    (root / "validation_list.txt").unlink()
+    with pytest.raises(DataError, match=r"validation_list.txt: expected validation_list.txt of the "
+                                        r"speech_commands_v0.01 layout, not found; found in .*: _background_noise_"):
+        prepare_real(root, None)
+    (root / "validation_list.txt").write_text("")
+    with pytest.raises(DataError, match="expected the official test set folder"):
+        prepare_real(root, tmp_path / "elsewhere")
+    (test_root / "_silence_" / "t11_nohash_0.wav").unlink()
+    (test_root / "_silence_").rmdir()
+    with pytest.raises(DataError, match=r"_silence_: expected the test folder _silence_/"):
+        prepare_real(root, None)
+    with pytest.raises(DataError, match="expected the corpus folder"):
+        prepare_real(tmp_path / "missing", None)
