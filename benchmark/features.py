@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -24,9 +25,17 @@ log = logging.getLogger("speechbench")
 
 
 def run_upstream(upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None,
+                 crop_s: float | None = None, rng: np.random.Generator | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load and pad the audio of ``utts``, run the frozen upstream: ``hidden [B, L, T, D]``, ``lengths [B]``."""
+    """Load and pad the audio of ``utts``, run the frozen upstream: ``hidden [B, L, T, D]``, ``lengths [B]``.
+
+    With ``crop_s``, audio longer than that is cut to a random ``crop_s`` window drawn from ``rng``.
+    """
     waves = [load_utterance_audio(u, audio_root, upstream.sample_rate) for u in utts]
+    if crop_s is not None:
+        size = int(crop_s * upstream.sample_rate)
+        waves = [w if w.shape[0] <= size else w[(o := int(rng.integers(0, w.shape[0] - size + 1))): o + size]
+                 for w in waves]
     wavs, wav_lengths = collate_audio(waves)
     with torch.inference_mode():
         out = upstream(wavs, wav_lengths)
@@ -36,16 +45,27 @@ def run_upstream(upstream: Upstream, utts: Sequence[Utterance], audio_root: Path
 
 
 class OnTheFlyFeatures:
-    """Upstream forward at every request."""
+    """Upstream forward at every request (optionally on random training crops of ``crop_s`` seconds).
 
-    def __init__(self, upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None):
+    Crops are drawn from a generator seeded by ``(seed, draw)``, where ``draw`` is the training loop's
+    micro-batch index, so a resumed run crops exactly as an uninterrupted one.
+    """
+
+    def __init__(self, upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None,
+                 crop_s: float | None = None, seed: int = 0):
         self.upstream, self.utts, self.audio_root = upstream, list(utts), audio_root
+        self.crop_s, self.seed = crop_s, seed
 
     def __len__(self) -> int:
         return len(self.utts)
 
-    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return run_upstream(self.upstream, [self.utts[i] for i in indices], self.audio_root)
+    @property
+    def durations_s(self) -> list[float]:
+        return [u.duration_s for u in self.utts]
+
+    def get(self, indices: Sequence[int], draw: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rng = np.random.default_rng([self.seed, draw]) if self.crop_s else None
+        return run_upstream(self.upstream, [self.utts[i] for i in indices], self.audio_root, self.crop_s, rng)
 
 
 class PooledFeatures:
@@ -57,7 +77,7 @@ class PooledFeatures:
     def __len__(self) -> int:
         return self.pooled.shape[0]
 
-    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def get(self, indices: Sequence[int], draw: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.pooled[list(indices)], None
 
 

@@ -30,7 +30,7 @@ from benchmark.results import SCHEMA_VERSION, git_sha, package_versions, read_re
 from benchmark.train import DownstreamModel, evaluate, train
 from downstreams.data import atomic_write_text, write_manifest
 from downstreams.featurizer import WeightedLayerSum
-from downstreams.tasks import PreparedData, Task, get_task
+from downstreams.tasks import PreparedData, Task, get_task, write_predictions_tsv
 from upstreams.registry import build_upstream
 
 log = logging.getLogger("speechbench")
@@ -120,9 +120,12 @@ class FeatureSet:
     """The features of every split, computed once and shared by every learning rate and seed."""
 
     def __init__(self, upstream, task: Task, prepared: PreparedData, cfg: RunConfig):
-        self.pooled = task.granularity == "pooled" and cfg.cache in ("auto", "pooled")
-        if cfg.cache == "pooled" and task.granularity != "pooled":
-            raise ConfigError(f"cache=pooled is exact only for utterance-level tasks; {task.name} needs frames")
+        crop_s = task.train_crop_s(cfg.task_options) if task.train_crop_s else None
+        exact = task.granularity == "pooled" and not crop_s
+        self.pooled = exact and cfg.cache in ("auto", "pooled")
+        if cfg.cache == "pooled" and not exact:
+            why = "it trains on random crops" if crop_s else "it needs frames"
+            raise ConfigError(f"cache=pooled is not exact for task {task.name}: {why}; use cache=auto or off")
         if self.pooled and cfg.featurizer.layer_norm:
             raise ConfigError("featurizer.layer_norm is not linear, so it cannot train on pooled features; "
                               "set cache=off")
@@ -135,7 +138,8 @@ class FeatureSet:
                          time.perf_counter() - t0)
                 self.sources[split] = PooledFeatures(pooled)
             else:
-                self.sources[split] = OnTheFlyFeatures(upstream, utts, prepared.audio_root)
+                crop = crop_s if split == "train" else None
+                self.sources[split] = OnTheFlyFeatures(upstream, utts, prepared.audio_root, crop, cfg.train.seed)
 
 
 def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepared: PreparedData,
@@ -151,10 +155,9 @@ def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepa
                   run_dir / "checkpoints", frame_batches=not features.pooled)
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True))
     scores, predictions = evaluate(model, task, features.sources["test"], task.references(test_utts, prepared),
-                                   cfg.train.eval_batch_size)
-    atomic_write_text(run_dir / "predictions.tsv", "".join(
-        f"{u.id}\t{p}\t{r}\n" for u, p, r in zip(test_utts, predictions, task.references(test_utts, prepared),
-                                                 strict=True)))
+                                   cfg.train.eval_batch_size, cfg.train.max_batch_s)
+    (task.write_outputs or write_predictions_tsv)(run_dir, test_utts, predictions,
+                                                  task.references(test_utts, prepared))
     result = {
         "schema_version": SCHEMA_VERSION,
         "upstream": _upstream_record(upstream, req.upstream),

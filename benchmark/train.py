@@ -102,11 +102,16 @@ def build_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
 
-def evaluate(model: DownstreamModel, task: Task, source, references: list, batch_size: int,
-             max_batch_s: float | None = None, durations_s: Sequence[float] | None = None) -> tuple[dict, list]:
-    """Predict every utterance of ``source`` and score against ``references`` -> (scores, predictions)."""
+def evaluate(model: DownstreamModel, task: Task, source, references: Any, batch_size: int,
+             max_batch_s: float | None = None) -> tuple[dict, list]:
+    """Predict every utterance of ``source`` and score against ``references`` -> (scores, predictions).
+
+    Sources that run the upstream on audio (they expose ``durations_s``) are batched by length under
+    ``max_batch_s`` padded seconds; pooled features in fixed-size batches.
+    """
     model.eval()
     n = len(source)
+    durations_s = getattr(source, "durations_s", None)
     if max_batch_s is not None and durations_s is not None:
         batches = bucket_by_duration(durations_s, max_batch_s, batch_size)
     else:
@@ -154,8 +159,9 @@ def train(model: DownstreamModel, task: Task, cfg: RunConfig, train_source, trai
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for k in range(tc.grad_accum):
-            batch = schedule.micro_batch(state.step * tc.grad_accum + k)
-            hidden, lengths = train_source.get(batch)
+            draw = state.step * tc.grad_accum + k
+            batch = schedule.micro_batch(draw)
+            hidden, lengths = train_source.get(batch, draw=draw)
             loss = task.loss(model(hidden, lengths), take(train_targets, batch)) / tc.grad_accum
             loss.backward()
             step_loss += loss.item()
@@ -171,7 +177,7 @@ def train(model: DownstreamModel, task: Task, cfg: RunConfig, train_source, trai
             log.debug("step %d loss %.4f", state.step, np.mean(running))
             running = []
         if state.step % tc.eval_every == 0 or state.step == tc.max_steps:
-            scores, _ = evaluate(model, task, dev_source, dev_references, tc.eval_batch_size)
+            scores, _ = evaluate(model, task, dev_source, dev_references, tc.eval_batch_size, tc.max_batch_s)
             value = scores[task.metric]
             improved = is_better(value, state.best_dev, task.higher_is_better)
             if improved:

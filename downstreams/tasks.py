@@ -42,7 +42,12 @@ class Task:
     loss(output, targets) -> scalar Tensor
     predict(output, lengths) -> list of predictions (one per utterance)
     references(utterances, prepared) -> list of references, same form as predictions
-    score(predictions, references) -> dict with at least ``metric`` (value in ``unit``)
+    score(predictions, references) -> dict with at least ``metric`` (value in ``unit``); ``references`` is
+        whatever ``references()`` returned (a list of labels, or e.g. a trial list for verification)
+    train_crop_s(options) -> seconds or None: random crops of the training audio (e.g. SID's 8 s crops); a task
+        that crops cannot train on pooled features (the crop changes the time-mean)
+    write_outputs(run_dir, utterances, predictions, references) -> None: audit files of the test predictions
+        (default: ``predictions.tsv`` with id, prediction, reference)
     """
 
     name: str
@@ -60,7 +65,17 @@ class Task:
     score: Callable[[list, list], dict]
     summary: str = ""
     real_corpus: str = ""
-    folds: tuple[int, ...] = ()  # tasks evaluated over several folds (ER)
+    folds: tuple[int, ...] = ()  # tasks evaluated over several folds (ER); options_cls then has a `fold` field
+    train_crop_s: Callable[[Any], float | None] | None = None
+    write_outputs: Callable[[Path, Sequence[Utterance], list, Any], None] | None = None
+
+
+def write_predictions_tsv(run_dir: Path, utterances: Sequence[Utterance], predictions: list, references) -> None:
+    """Default audit file: ``predictions.tsv`` with one ``id<TAB>prediction<TAB>reference`` line per utterance."""
+    from downstreams.data import atomic_write_text
+
+    atomic_write_text(run_dir / "predictions.tsv", "".join(
+        f"{u.id}\t{p}\t{r}\n" for u, p, r in zip(utterances, predictions, references, strict=True)))
 
 
 TASKS: dict[str, Task] = {}

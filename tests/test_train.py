@@ -1,0 +1,89 @@
+"""The training loop: deterministic, keeps the best dev checkpoint, resumes to the same result."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from benchmark.config import RunConfig, TrainConfig
+from benchmark.features import PooledFeatures
+from benchmark.train import BatchSchedule, DownstreamModel, evaluate, train
+from downstreams.featurizer import WeightedLayerSum
+from downstreams.heads import UtteranceLevelHead
+from downstreams.ks import KSOptions
+from downstreams.tasks import Task
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _task() -> Task:
+    return Task(name="toy", metric="accuracy", unit="%", higher_is_better=True, granularity="pooled",
+                options_cls=KSOptions, prepare=None, targets=None, build_head=None,
+                loss=torch.nn.functional.cross_entropy,
+                predict=lambda logits, lengths: logits.argmax(-1).tolist(), references=None,
+                score=lambda p, r: {"accuracy": 100.0 * sum(a == b for a, b in zip(p, r, strict=True)) / len(r)})
+
+
+def _data(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    feats = torch.randn(n, 2, 8, generator=g) + torch.nn.functional.one_hot(labels, 8)[:, None, :] * 1.5
+    return PooledFeatures(feats), labels
+
+
+def _run(tmp, on_checkpoint=None):
+    torch.manual_seed(0)
+    model = DownstreamModel(WeightedLayerSum(2), UtteranceLevelHead(8, 16, 3))
+    cfg = RunConfig(task="toy", train=TrainConfig(max_steps=60, batch_size=8, eval_every=10, seed=3))
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-2))
+    train_src, train_y = _data(64, 1)
+    dev_src, dev_y = _data(32, 2)
+    state = train(model, _task(), cfg, train_src, train_y, [1.0] * 64, dev_src, dev_y.tolist(), tmp,
+                  on_checkpoint=on_checkpoint)
+    return model, state
+
+
+def test_training_learns_and_keeps_best(tmp_path):
+    model, state = _run(tmp_path)
+    assert state.step == 60 and len(state.history) == 6
+    assert state.best_dev == max(h["dev_accuracy"] for h in state.history) > 60.0
+    assert (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()
+
+
+def test_interrupted_run_resumes_to_identical_result(tmp_path):
+    full_model, full_state = _run(tmp_path / "full")
+
+    def stop_at_30(step):
+        if step == 30:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _run(tmp_path / "cut", on_checkpoint=stop_at_30)
+    resumed_model, resumed_state = _run(tmp_path / "cut")
+    assert (resumed_state.best_step, resumed_state.best_dev) == (full_state.best_step, full_state.best_dev)
+    for (name, a), (_, b) in zip(full_model.state_dict().items(), resumed_model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    best_full = torch.load(tmp_path / "full" / "best.pt", weights_only=True)
+    best_cut = torch.load(tmp_path / "cut" / "best.pt", weights_only=True)
+    assert all(torch.equal(best_full[k], best_cut[k]) for k in best_full)
+
+
+def test_batch_schedule_is_a_function_of_seed_and_epoch():
+    a = BatchSchedule([1.0] * 10, batch_size=4, seed=0, max_batch_s=None)
+    b = BatchSchedule([1.0] * 10, batch_size=4, seed=0, max_batch_s=None)
+    assert [a.micro_batch(i) for i in range(7)] == [b.micro_batch(i) for i in reversed(range(7))][::-1]
+    assert sorted(i for k in range(3) for i in a.micro_batch(k)) == list(range(10))  # an epoch covers all
+    assert a.epoch_batches(0) != a.epoch_batches(1)
+    durations = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    frames = BatchSchedule(durations, batch_size=8, seed=0, max_batch_s=8.0)
+    for batch in frames.epoch_batches(0):
+        assert len(batch) * max(durations[i] for i in batch) <= 8.0 or len(batch) == 1
+
+
+def test_evaluate_scores_every_utterance():
+    src, y = _data(10, 5)
+    model = DownstreamModel(WeightedLayerSum(2), UtteranceLevelHead(8, 4, 3))
+    scores, predictions = evaluate(model, _task(), src, y.tolist(), batch_size=3)
+    assert len(predictions) == 10 and 0.0 <= scores["accuracy"] <= 100.0
