@@ -18,7 +18,7 @@ KNOWN_DIRECTIONS: dict[str, bool] = {"acc": True, "f1": True, "per": False, "wer
 
 
 def metric_column(task: str, metric: str) -> str:
-    """The wide-table column of one (task, metric): ``("ks", "accuracy") -> "KS_acc"``, ``("sd", "der") -> "sd_der"``."""
+    """The wide-table column of a (task, metric): ``("ks", "accuracy") -> "KS_acc"``, ``("sd", "der") -> "sd_der"``."""
     if task.lower() in SUPERB_TASKS:
         short = metric.lower()
         return f"{task.upper()}_{_SHORT_METRIC.get(short, short)}"

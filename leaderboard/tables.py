@@ -1,0 +1,237 @@
+"""From the long table of results to the wide leaderboard: one row per upstream and corpus, one column per metric.
+
+Rows of the wide table are keyed by ``(upstream, corpus, profile)``:
+
+- ``corpus`` is ``"synth"`` for the bundled synthetic smoke-benchmark corpus and ``"real"`` for the tasks' real
+  corpora (their names differ per task, e.g. ``speech_commands_v0.01`` for KS; they stay in the long table's
+  ``corpus`` column). A result without a corpus is ``"unknown"``.
+- ``profile`` is the synthetic corpus size (``tiny``, ``small``); empty for real corpora, so that tiny smoke runs
+  never mix with small ones.
+
+Aggregation rules (in this order):
+
+1. Only rows with ``selected=True`` count: in a learning-rate/seed sweep that is the best-on-dev run.
+2. Only rows of the reported split (``split="test"`` by default; a row without a split counts).
+3. Several runs for the same (upstream, corpus, profile, task, fold, seed): the newest ``timestamp`` wins
+   (ties and missing timestamps: the later path in sort order wins; missing timestamps count as oldest).
+4. Tasks with folds (ER: 5 leave-one-session-out folds): per seed, the mean over folds. The wide table gets
+   ``<column>_folds``, the number of distinct folds averaged; the per-fold values stay in the long table.
+5. Several seeds: the mean over seeds; ``<column>_seeds`` (number of seeds) is added when any cell has more than one.
+
+Columns are named ``PR_per``, ``KS_acc``, ``IC_acc``, ``SID_acc``, ``ER_acc``, ``ASR_wer``, ``ASV_eer`` (the
+reference CSV's names) and ``<task>_<metric>`` for any other task. ``SUPERB_score`` (with ``SUPERB_reference``, the
+reference set's name) is filled only for ``corpus="real"`` rows that have every metric of the reference set:
+``1000 * mean over tasks of (score - baseline) / (sota - baseline)``, baseline = the reference's FBANK row and SOTA
+= the reference's best row per task (lower-is-better metrics need no special case: both differences flip sign).
+
+Units and directions (the CSV convention): the wide CSV has a normal header row with the column names above, then a
+second row whose first cell is ``(unit)`` and whose metric cells read ``"<unit> higher"`` or ``"<unit> lower"``
+(e.g. ``% higher`` for accuracy, ``% lower`` for WER); count columns read ``count``. Read it back with
+:func:`read_wide_csv`, or with pandas directly: ``pd.read_csv(path, skiprows=[1])`` for the numbers and
+``pd.read_csv(path, nrows=1)`` for the unit row. In memory the same strings are in ``wide.attrs["units"]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from leaderboard.columns import column_direction, column_order
+from leaderboard.references import DEFAULT_REFERENCE, ReferenceSet, load_reference
+
+log = logging.getLogger("leaderboard")
+
+SYNTH = "synth"
+REAL = "real"
+UNIT_ROW_LABEL = "(unit)"
+KEY_COLUMNS = ["upstream", "corpus", "profile"]
+SYNTH_FOOTER = "synth = synthetic smoke-benchmark corpus, not SUPERB numbers"
+REAL_FOOTER = "real = each task's public corpus (per-task corpus names in the long CSV)"
+
+
+def corpus_group(corpus: object) -> str:
+    """The wide table's corpus label of a result's corpus name: ``synth``, ``real`` or ``unknown``."""
+    if not isinstance(corpus, str) or not corpus:
+        return "unknown"
+    return SYNTH if corpus == SYNTH else REAL
+
+
+def counted_rows(long_df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """The rows of the long table that enter the wide table (rules 1-3 above), with ``corpus`` kept as is."""
+    df = long_df[long_df["selected"].fillna(True).astype(bool)]
+    df = df[df["split"].isna() | (df["split"] == split)]
+    df = _with_row_key(df).assign(_time=pd.to_datetime(df["timestamp"], utc=True, errors="coerce", format="ISO8601"))
+    df = df.sort_values(["_time", "path"], na_position="first", kind="stable")
+    key = ["upstream", "_corpus", "_profile", "column", "fold", "seed"]
+    return df.drop_duplicates(subset=key, keep="last").drop(columns=["_corpus", "_profile", "_time"])
+
+
+def wide_table(long_df: pd.DataFrame, reference: str | ReferenceSet | None = DEFAULT_REFERENCE,
+               split: str = "test") -> pd.DataFrame:
+    """One row per (upstream, corpus, profile), one column per task metric; see the module docstring for the rules.
+
+    ``reference``: name of a shipped reference set, a :class:`ReferenceSet`, or None for no ``SUPERB_score``.
+    """
+    rows = counted_rows(long_df, split)
+    units = _column_units(rows)
+    if rows.empty:
+        log.warning("no selected %s-split results to tabulate", split)
+        empty = pd.DataFrame(columns=KEY_COLUMNS)
+        empty.attrs["units"] = {}
+        return empty
+    rows = _with_row_key(rows)
+    _warn_mixed_corpora(rows)
+    rows = rows.drop(columns=["corpus", "profile"]).rename(columns={"_corpus": "corpus", "_profile": "profile"})
+    cell = KEY_COLUMNS + ["column"]
+    per_seed = rows.groupby(cell + ["seed"], dropna=False).agg(value=("value", "mean"), folds=("fold", "nunique"))
+    cells = per_seed.groupby(cell, dropna=False).agg(value=("value", "mean"), folds=("folds", "max"),
+                                                    seeds=("value", "size"))
+    wide = cells["value"].unstack("column")
+    metrics = column_order(list(wide.columns))
+    out = pd.DataFrame(index=wide.index)
+    for col in metrics:
+        out[col] = wide[col]
+        if rows.loc[rows["column"] == col, "fold"].notna().any():
+            folds = cells["folds"].unstack("column")[col]
+            out[f"{col}_folds"] = folds.where(folds > 0).astype("Int64")  # NA: a cell of runs without folds
+            units[f"{col}_folds"] = "count"
+        seeds = cells["seeds"].unstack("column")[col]
+        if seeds.max() > 1:
+            out[f"{col}_seeds"] = seeds.astype("Int64")
+            units[f"{col}_seeds"] = "count"
+    out = out.reset_index()
+    out.columns.name = None
+    if reference is not None:
+        ref = load_reference(reference) if isinstance(reference, str) else reference
+        out["SUPERB_score"] = superb_scores(out, ref)
+        out["SUPERB_reference"] = np.where(out["SUPERB_score"].notna(), ref.name, "")
+        units["SUPERB_score"] = "higher"
+    out["_order"] = out["corpus"].map({REAL: 0, SYNTH: 1}).fillna(2)
+    out = out.sort_values(["_order", "upstream", "profile"], kind="stable").drop(columns="_order")
+    out = out.reset_index(drop=True)
+    out.attrs["units"] = units
+    return out
+
+
+def superb_scores(wide: pd.DataFrame, reference: ReferenceSet) -> pd.Series:
+    """SUPERB score per wide row (NaN unless the row is real-corpus and has every metric of the reference set)."""
+    columns = reference.metric_columns
+    if not set(columns) <= set(wide.columns):
+        return pd.Series(np.nan, index=wide.index)
+    base, best = reference.baseline_values(), reference.best_values()
+    normalised = (wide[columns].astype(float) - base) / (best - base)
+    complete = wide[columns].notna().all(axis=1) & (wide["corpus"] == REAL)
+    return (1000 * normalised.mean(axis=1)).where(complete)
+
+
+def unit_row(wide: pd.DataFrame) -> list[str]:
+    """The CSV's second row: ``(unit)`` under the first column, ``"<unit> higher|lower"`` or ``count`` elsewhere."""
+    units = _units_of(wide)
+    return [UNIT_ROW_LABEL if i == 0 else units.get(c, "") for i, c in enumerate(wide.columns)]
+
+
+def wide_to_csv(wide: pd.DataFrame) -> str:
+    """The wide table as CSV text: header row, unit row, then one line per row."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(wide.columns)
+    writer.writerow(unit_row(wide))
+    wide.to_csv(buf, header=False, index=False, float_format="%.6g", lineterminator="\n")
+    return buf.getvalue()
+
+
+def read_wide_csv(path: str | Path) -> pd.DataFrame:
+    """Read a wide CSV written by :func:`wide_to_csv`; the unit row goes to ``attrs["units"]``."""
+    head = pd.read_csv(path, nrows=1, dtype=str, keep_default_na=False)
+    has_units = len(head) == 1 and head.iloc[0, 0] == UNIT_ROW_LABEL
+    text_columns = {c: str for c in KEY_COLUMNS + ["SUPERB_reference"] if c in head.columns}
+    wide = pd.read_csv(path, skiprows=[1] if has_units else None, dtype=text_columns, keep_default_na=False,
+                       na_values=[""])
+    for col in text_columns:
+        wide[col] = wide[col].fillna("")
+    wide.attrs["units"] = {c: u for c, u in head.iloc[0].items() if u and u != UNIT_ROW_LABEL} if has_units else {}
+    return wide
+
+
+def format_table(wide: pd.DataFrame) -> str:
+    """A fixed-width text table (header, unit row, one line per row) plus explanatory footer lines."""
+    if wide.empty:
+        return "(empty leaderboard: no selected results on the reported split)"
+    shown = [c for c in wide.columns if c in ("upstream", "corpus")
+             or (c != "SUPERB_reference" and wide[c].replace("", np.nan).notna().any())]
+    units = _units_of(wide)
+    header = [str(c) for c in shown]
+    unit_line = ["" if c in KEY_COLUMNS else units.get(c, "") for c in shown]
+    body = [[_fmt(c, v) for c, v in zip(shown, row, strict=True)] for row in wide[shown].itertuples(index=False)]
+    numeric = [c not in KEY_COLUMNS for c in shown]
+    widths = [max(len(line[i]) for line in [header, unit_line, *body]) for i in range(len(shown))]
+
+    def line(cells: list[str]) -> str:
+        padded = (s.rjust(w) if num else s.ljust(w) for s, w, num in zip(cells, widths, numeric, strict=True))
+        return "  ".join(padded).rstrip()
+
+    lines = [line(header), line(unit_line), "  ".join("-" * w for w in widths)] + [line(r) for r in body]
+    corpora = set(wide.get("corpus", pd.Series(dtype=str)))
+    if REAL in corpora:
+        lines.append(REAL_FOOTER)
+    if SYNTH in corpora:
+        lines.append(SYNTH_FOOTER)
+    if "SUPERB_score" in wide.columns and wide["SUPERB_score"].notna().any():
+        names = sorted(set(wide.loc[wide["SUPERB_score"].notna(), "SUPERB_reference"]))
+        lines.append(f"SUPERB_score: 0 = FBANK, 1000 = SOTA of reference set {', '.join(names)}")
+    return "\n".join(lines)
+
+
+def _fmt(column: str, value: object) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    if column in KEY_COLUMNS or column == "SUPERB_reference":
+        return str(value)
+    if column.endswith(("_folds", "_seeds")):
+        return str(int(value))
+    return f"{value:.1f}" if column == "SUPERB_score" else f"{value:.2f}"
+
+
+def _column_units(rows: pd.DataFrame) -> dict[str, str]:
+    """``"<unit> higher|lower"`` per metric column; a column whose rows disagree on unit or direction is an error."""
+    units = {}
+    for col, group in rows.groupby("column"):
+        labels = {_unit_label(u, h) for u, h in zip(group["unit"].fillna(""), group["higher_is_better"], strict=True)}
+        if len(labels) > 1:
+            files = ", ".join(group["path"].astype(str).head(5))
+            raise ValueError(f"results for {col} disagree on unit/direction ({sorted(labels)}): {files}")
+        units[col] = labels.pop()
+    return units
+
+
+def _unit_label(unit: str, higher: bool) -> str:
+    return f"{unit} {'higher' if higher else 'lower'}".strip()
+
+
+def _units_of(wide: pd.DataFrame) -> dict[str, str]:
+    units = dict(wide.attrs.get("units", {}))
+    for col in wide.columns:
+        if col not in units and col not in KEY_COLUMNS and (direction := column_direction(col)) is not None:
+            units[col] = _unit_label("", direction)
+    return units
+
+
+def _with_row_key(df: pd.DataFrame) -> pd.DataFrame:
+    """Add ``_corpus`` (synth/real/unknown) and ``_profile`` (the synth profile, empty for real corpora)."""
+    group = df["corpus"].map(corpus_group)
+    profile = np.where(group == SYNTH, df["profile"].fillna("").astype(str), "")
+    return df.assign(_corpus=group, _profile=profile)
+
+
+def _warn_mixed_corpora(rows: pd.DataFrame) -> None:
+    """A wide cell averaging runs on different real corpora (e.g. Speech Commands v0.01 and v0.02) gets a warning."""
+    for (upstream, column), group in rows.groupby(["upstream", "column"]):
+        for _, cell in group.groupby(["_corpus", "_profile"]):
+            names = sorted(set(cell["corpus"].dropna()))
+            if len(names) > 1:
+                log.warning("%s of %s mixes results from several corpora: %s", column, upstream, ", ".join(names))
