@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "value from the same features, best on dev selected")
     p.add_argument("--seed", type=_int_list, default=(), help="training seed(s), comma-separated")
     p.add_argument("--layer", type=int, help="probe this single hidden state instead of the weighted sum")
-    p.add_argument("--cache", choices=("auto", "pooled", "off"),
-                   help="pooled: per-layer time-means computed once (exact for utterance-level heads); "
-                        "off: upstream forward at every step; auto (default): pooled where exact")
+    p.add_argument("--cache", choices=("auto", "pooled", "frames", "off"),
+                   help="feature cache: pooled = per-layer time-means computed once (exact for utterance-level "
+                        "heads); frames = float16 frames on disk; off = upstream forward at every step; "
+                        "auto (default) = pooled where exact, else frames if the estimate fits cache_budget_gb")
     p.add_argument("--fold", type=int, help="run only this fold of a multi-fold task")
     p.add_argument("--out", default="results", help="results directory (default: results)")
     p.add_argument("--rerun", action="store_true", help="train again into a new run directory even when this "

@@ -63,7 +63,8 @@ class RunConfig:
     task: str
     recipe: str = "custom"
     description: str = ""
-    cache: str = "auto"  # auto | pooled | off
+    cache: str = "auto"  # auto | pooled | frames | off (see benchmark/cache.py)
+    cache_budget_gb: float = 20.0  # auto uses a frames cache only when its estimated size fits this budget
     data: DataConfig = field(default_factory=DataConfig)
     featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -71,7 +72,7 @@ class RunConfig:
     task_options: Any = None  # the task's own frozen options dataclass
 
 
-CACHE_MODES = ("auto", "pooled", "off")
+CACHE_MODES = ("auto", "pooled", "frames", "off")
 
 
 def _type_name(tp: Any) -> str:

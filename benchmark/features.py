@@ -1,10 +1,10 @@
-"""Where a task's training batches come from: the frozen upstream, run on the fly or once (pooled).
+"""Where a task's training batches come from when they are not read from the feature cache.
 
 A feature source maps utterance indices to ``(hidden, lengths)``:
 - ``OnTheFlyFeatures``: loads audio and runs the upstream for every batch -> ``[B, L, T, D]`` + frame lengths ``[B]``
   (what s3prl does at every training step);
-- ``PooledFeatures``: the masked time-mean of every layer computed once -> ``[B, L, D]`` and ``lengths=None``.
-  Exact for the utterance-level heads (see ``downstreams.heads.UtteranceLevelHead``).
+- ``PooledFeatures``: per-layer time-means held in memory (from ``benchmark.cache``) -> ``[B, L, D]``,
+  ``lengths=None``. Exact for the utterance-level heads (see ``downstreams.heads.UtteranceLevelHead``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from downstreams.data import Utterance, bucket_by_duration, collate_audio, load_utterance_audio
-from downstreams.heads import masked_mean
+from downstreams.data import Utterance, collate_audio, load_utterance_audio
 from upstreams.base import Upstream
 
 log = logging.getLogger("speechbench")
@@ -79,20 +77,3 @@ class PooledFeatures:
 
     def get(self, indices: Sequence[int], draw: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.pooled[list(indices)], None
-
-
-def extract_pooled(upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None,
-                   max_batch_s: float = 160.0, desc: str = "extract") -> torch.Tensor:
-    """Masked time-mean of every hidden state for every utterance: ``[N, L, D]`` float32.
-
-    Batches are bucketed by duration and capped by total padded audio seconds.
-    """
-    pooled = torch.zeros(len(utts), upstream.num_layers, upstream.hidden_size)
-    batches = bucket_by_duration([u.duration_s for u in utts], max_batch_s)
-    for batch in tqdm(batches, desc=desc, unit="batch", disable=None, leave=False):
-        hidden, lengths = run_upstream(upstream, [utts[i] for i in batch], audio_root)
-        b, num_layers, t, d = hidden.shape
-        # [B, L, T, D] -> [B, T, L*D] so one masked mean pools every layer at once
-        means = masked_mean(hidden.permute(0, 2, 1, 3).reshape(b, t, num_layers * d), lengths)
-        pooled[batch] = means.reshape(b, num_layers, d).float()
-    return pooled

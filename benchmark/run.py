@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from benchmark.cache import FeatureCache, estimate_frames_bytes, upstream_identity
 from benchmark.config import (
     ConfigError,
     RunConfig,
@@ -25,7 +26,7 @@ from benchmark.config import (
     find_recipe,
     load_raw_recipe,
 )
-from benchmark.features import OnTheFlyFeatures, PooledFeatures, extract_pooled
+from benchmark.features import OnTheFlyFeatures, PooledFeatures
 from benchmark.results import SCHEMA_VERSION, git_sha, package_versions, read_result, utc_now, write_result
 from benchmark.train import DownstreamModel, evaluate, train
 from downstreams.data import atomic_write_text, write_manifest
@@ -116,30 +117,57 @@ def _upstream_record(upstream, name: str) -> dict:
             "versions": package_versions()}
 
 
+def choose_cache(cfg: RunConfig, task: Task, prepared: PreparedData, upstream) -> tuple[str, float | None]:
+    """Resolve ``cache`` to pooled | frames | off, and the training crop in seconds (None: no crop).
+
+    A crop that no training utterance exceeds changes nothing, so it does not count against pooled exactness.
+    """
+    crop_s = task.train_crop_s(cfg.task_options) if task.train_crop_s else None
+    if crop_s and not any(u.duration_s > crop_s for u in prepared.splits["train"]):
+        crop_s = None
+    exact_pooled = task.granularity == "pooled" and not crop_s and not cfg.featurizer.layer_norm
+    if cfg.cache == "pooled" and not exact_pooled:
+        why = ("it trains on random crops" if crop_s else "featurizer.layer_norm is not linear"
+               if cfg.featurizer.layer_norm else "its head needs frames")
+        raise ConfigError(f"cache=pooled is not exact for task {task.name}: {why}; use cache=auto, frames or off")
+    if cfg.cache != "auto":
+        return cfg.cache, crop_s
+    if exact_pooled:
+        return "pooled", crop_s
+    size_gb = sum(estimate_frames_bytes(u, upstream) for u in prepared.splits.values()) / 1e9
+    mode = "frames" if size_gb <= cfg.cache_budget_gb else "off"
+    log.info("frames cache estimate: %.2f GB (budget %.1f GB) -> cache %s", size_gb, cfg.cache_budget_gb, mode)
+    return mode, crop_s
+
+
 class FeatureSet:
     """The features of every split, computed once and shared by every learning rate and seed."""
 
-    def __init__(self, upstream, task: Task, prepared: PreparedData, cfg: RunConfig):
-        crop_s = task.train_crop_s(cfg.task_options) if task.train_crop_s else None
-        exact = task.granularity == "pooled" and not crop_s
-        self.pooled = exact and cfg.cache in ("auto", "pooled")
-        if cfg.cache == "pooled" and not exact:
-            why = "it trains on random crops" if crop_s else "it needs frames"
-            raise ConfigError(f"cache=pooled is not exact for task {task.name}: {why}; use cache=auto or off")
-        if self.pooled and cfg.featurizer.layer_norm:
-            raise ConfigError("featurizer.layer_norm is not linear, so it cannot train on pooled features; "
-                              "set cache=off")
+    def __init__(self, upstream, upstream_name: str, task: Task, prepared: PreparedData, cfg: RunConfig):
+        self.mode, crop_s = choose_cache(cfg, task, prepared, upstream)
+        self.pooled = self.mode == "pooled"
+        self.description = {"pooled": "pooled cache (per-layer time-means)", "frames": "frames cache (float16)",
+                            "off": "upstream on the fly"}[self.mode] + (f", {crop_s:g} s training crops"
+                                                                         if crop_s else "")
+        log.info("features: %s", self.description)
+        identity = upstream_identity(upstream, upstream_name)
+        frame_rate = upstream.sample_rate / upstream.downsample_rate
         self.sources = {}
         for split, utts in prepared.splits.items():
-            if self.pooled:
-                t0 = time.perf_counter()
-                pooled = extract_pooled(upstream, utts, prepared.audio_root, cfg.train.max_batch_s, f"extract {split}")
-                log.info("extracted pooled features of %d %s utterances in %.1f s", len(utts), split,
-                         time.perf_counter() - t0)
-                self.sources[split] = PooledFeatures(pooled)
-            else:
-                crop = crop_s if split == "train" else None
+            crop = crop_s if split == "train" else None
+            if self.mode == "off":
                 self.sources[split] = OnTheFlyFeatures(upstream, utts, prepared.audio_root, crop, cfg.train.seed)
+                continue
+            t0 = time.perf_counter()
+            cache = FeatureCache.open_or_build(upstream, identity, utts, prepared.audio_root, split, self.mode,
+                                               cfg.train.max_batch_s)
+            if self.pooled:
+                self.sources[split] = PooledFeatures(cache.load_pooled())
+            else:
+                crop_frames = int(crop * frame_rate) if crop else None
+                self.sources[split] = cache.frames(frame_rate).with_crop(crop_frames, cfg.train.seed)
+            log.info("%s features of %d %s utterances ready in %.1f s", self.mode, len(utts), split,
+                     time.perf_counter() - t0)
 
 
 def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepared: PreparedData,
@@ -170,7 +198,7 @@ def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepa
         "extra_metrics": {**{k: v for k, v in scores.items() if k != task.metric},
                           f"dev_{task.metric}": state.best_dev},
         "learning_rate": cfg.optim.lr, "seed": cfg.train.seed, "selected": True,
-        "features": "pooled" if features.pooled else "frames (upstream on the fly)",
+        "features": features.description,
         "layer_weights": model.featurizer.layer_weights(), "layer": cfg.featurizer.layer,
         "best_step": state.best_step, "steps": state.step,
         "wall_time_s": round(time.perf_counter() - t0, 2), "git_sha": git_sha(), "timestamp": utc_now(),
@@ -232,7 +260,7 @@ def run(req: RunRequest) -> list[dict]:
                         write_manifest(run_dir / "manifests" / f"{split}.jsonl", utts)
                     log.info("run %s: lr %g, seed %d%s", run_dir, lr, seed, f", fold {fold}" if fold else "")
                     if features is None:
-                        features = FeatureSet(upstream, task, prepared, cfg)
+                        features = FeatureSet(upstream, req.upstream, task, prepared, cfg)
                     result = train_and_score(req, task, cfg, upstream, prepared, features, run_dir, fold)
                     log.info("test %s = %.2f%s (best dev step %d) -> %s", task.metric, result["value"], task.unit,
                              result["best_step"], run_dir / "result.json")
