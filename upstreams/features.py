@@ -144,8 +144,8 @@ def log_mel_from_power(power: torch.Tensor, mel_banks: torch.Tensor) -> torch.Te
     return torch.matmul(power, mel_banks).clamp_min(ENERGY_FLOOR).log()
 
 
-def kaldi_log_mel(wav: torch.Tensor, num_mel_bins: int = 80, sample_rate: int = 16000) -> torch.Tensor:
-    """Kaldi log-mel filterbank of one waveform ``[S]`` -> ``[T, num_mel_bins]``, ``T = 1 + (S - 400) // 160``.
+def kaldi_log_mel(wav: torch.Tensor, num_mel_bins: int = 80) -> torch.Tensor:
+    """Kaldi log-mel filterbank of one 16 kHz waveform ``[S]`` -> ``[T, num_mel_bins]``, ``T = 1 + (S - 400) // 160``.
 
     25 ms povey-windowed frames every 10 ms (``snip_edges=True``), DC-offset removal, pre-emphasis 0.97, power
     spectrum with n_fft 512, mel filters from 20 Hz to Nyquist, natural log floored at float eps, no dither.
@@ -155,7 +155,7 @@ def kaldi_log_mel(wav: torch.Tensor, num_mel_bins: int = 80, sample_rate: int = 
     wav = wav.to(torch.float32)
     frames, _ = frame_waves(wav[None], torch.tensor([wav.shape[0]], device=wav.device))
     power, _ = kaldi_power_spectrum(frames[0], povey_window(FRAME_LENGTH).to(wav.device))
-    banks = kaldi_mel_banks(num_mel_bins, sample_rate=sample_rate).to(wav.device)
+    banks = kaldi_mel_banks(num_mel_bins).to(wav.device)
     return log_mel_from_power(power, banks)
 
 
@@ -170,16 +170,14 @@ def compute_deltas(x: torch.Tensor, lengths: torch.Tensor | None = None, window:
     if lengths is None:
         lengths = torch.full((batch,), total, dtype=torch.long, device=x.device)
     last = (lengths.to(x.device).clamp(1, total) - 1)[:, None]
-    t = torch.arange(total, device=x.device)[None, :]
+    # One gather builds each utterance's edge-replicated sequence [B, T + 2 N, D]; deltas are then weighted slices.
+    source = torch.arange(-window, total + window, device=x.device)[None, :]
+    source = torch.minimum(source.clamp_min(0), last)
+    padded = x.gather(1, source[..., None].expand(batch, total + 2 * window, dim))
     denom = 2.0 * sum(k * k for k in range(1, window + 1))
     out = torch.zeros_like(x)
     for k in range(1, window + 1):  # loop over the (few) regression offsets, not over frames
-        ahead = torch.minimum(t + k, last).clamp_min(0)
-        behind = torch.minimum((t - k).clamp_min(0), last)
-        gather = x.gather(1, ahead[..., None].expand(batch, total, dim)) - x.gather(
-            1, behind[..., None].expand(batch, total, dim)
-        )
-        out = out + k * gather
+        out = out + k * (padded[:, window + k : window + k + total] - padded[:, window - k : window - k + total])
     return out / denom
 
 
