@@ -43,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Freeze the upstream, learn a weighted sum of its layers and the task's SUPERB "
                                    "head, pick the best dev checkpoint, score it on test, write result.json.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_RUN)
-    p.add_argument("--upstream", required=True, help="upstream name (see 'bench list upstreams')")
+    p.add_argument("--upstream", required=True, help="upstream name (see 'bench list upstreams'), checkpoint path "
+                                                     "(HF dir, fairseq .pt, s3prl .pt or ours), HF hub id, or "
+                                                     "s3prl:<name>")
+    p.add_argument("--ckpt", help="local checkpoint replacing the published one of a family/card --upstream")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow checkpoints that need full unpickling (can run code: only for files you trust)")
     p.add_argument("--task", required=True, help="task name (see 'bench list tasks') or 'all'")
     p.add_argument("--recipe", help="recipe name or YAML path (default: synth/<task>, or superb/<task> "
                                     "when --data-root is given)")
@@ -70,6 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="leaderboard.csv", help="wide CSV path; the long CSV is <stem>.long.csv")
     p.add_argument("--reference", default="superb_paper_2021", help="reference set for the SUPERB score")
 
+    p = sub.add_parser("extract", help="dump an upstream's layer-wise features, one safetensors file per utterance",
+                       description="Write OUT/<utterance id>.safetensors (hidden_states [L, T, D], num_frames) and "
+                                   "OUT/upstream.json; resumable (complete files are skipped).")
+    p.add_argument("--upstream", required=True, help="upstream name, checkpoint path, HF hub id or s3prl:<name>")
+    p.add_argument("--ckpt", help="local checkpoint replacing the published one of a family/card --upstream")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need full unpickling")
+    p.add_argument("--data", required=True, help="directory of .wav/.flac files (recursive) or a JSONL manifest")
+    p.add_argument("--audio-root", help="root of a manifest's relative audio paths (default: found from the manifest)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--max-batch-s", type=float, default=160.0, help="cap on padded audio seconds per batch")
+
+    p = sub.add_parser("check-upstream", help="check that an upstream honours the contract (PASS/FAIL per check)",
+                       description="Declared attributes, frame counts, batched vs one-at-a-time agreement, a 30 s "
+                                   "input, finite outputs. Exit code 1 when a check fails.")
+    p.add_argument("upstream", metavar="NAME_OR_PATH", help="upstream name, checkpoint path, HF hub id or s3prl:<name>")
+    p.add_argument("--ckpt", help="local checkpoint replacing the published one of a family/card upstream")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need full unpickling")
+    p.add_argument("--seconds", type=float, default=30.0, help="length of the long-input check (default 30)")
+
     p = sub.add_parser("list", help="list upstreams, tasks or recipes")
     p.add_argument("what", choices=("upstreams", "tasks", "recipes"))
 
@@ -87,10 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: bool) -> None:
     logger = logging.getLogger("speechbench")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+        logger.removeHandler(handler)  # a previous main() in this process may hold a stale stdout
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
     logger.propagate = False
 
 
@@ -106,7 +132,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for task in tasks:
         rows = run(RunRequest(upstream=args.upstream, task=task, recipe=args.recipe, data_root=args.data_root,
                               overrides=tuple(args.overrides), lrs=args.lr, seeds=args.seed, layer=args.layer,
-                              cache=args.cache, fold=args.fold, out_dir=args.out, rerun=args.rerun))
+                              cache=args.cache, fold=args.fold, out_dir=args.out, rerun=args.rerun,
+                              ckpt=args.ckpt, trust_checkpoint=args.trust_checkpoint))
         for row in rows:
             mark = "*" if row["selected"] else " "
             fold = f" fold {row['fold']}" if row["fold"] is not None else ""
@@ -114,7 +141,33 @@ def cmd_run(args: argparse.Namespace) -> int:
                 else ""
             print(f"{mark} {row['task']}{fold} lr={row['learning_rate']:g} seed={row['seed']}: test {row['metric']} "
                   f"= {row['value']:.2f} {row['unit']}{corpus}")
+        for m in fold_means(rows):
+            corpus = " (synthetic corpus: smoke benchmark, not a SUPERB number)" if m["corpus"] == "synth" else ""
+            print(f"= {m['task']} mean over folds {','.join(map(str, m['folds']))} seed={m['seed']}: test "
+                  f"{m['metric']} = {m['value']:.2f} {m['unit']}{corpus}")
     return 0
+
+
+def fold_means(rows: list[dict]) -> list[dict]:
+    """For tasks evaluated over folds (ER): per (task, seed), the mean test value of the selected rows over folds.
+
+    Only groups with two or more folds are returned, as dicts with task, seed, folds (sorted), value (the mean),
+    metric, unit and corpus. The leaderboard applies the same rule (``leaderboard/tables.py``, rule 4).
+    """
+    groups: dict[tuple, dict[int, dict]] = {}
+    for row in rows:
+        if row.get("fold") is None or not row.get("selected", True):
+            continue
+        groups.setdefault((row["task"], row["seed"]), {})[row["fold"]] = row
+    out = []
+    for (task, seed), by_fold in groups.items():
+        if len(by_fold) < 2:
+            continue
+        first = next(iter(by_fold.values()))
+        out.append({"task": task, "seed": seed, "folds": sorted(by_fold),
+                    "value": sum(r["value"] for r in by_fold.values()) / len(by_fold),
+                    "metric": first["metric"], "unit": first["unit"], "corpus": first.get("data", {}).get("corpus")})
+    return out
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -124,6 +177,31 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     print(text)
     print(f"wrote {args.out} and {Path(args.out).with_suffix('').as_posix()}.long.csv")
     return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    import torch
+
+    from benchmark.extract import extract_features, load_inputs
+    from upstreams.registry import build_upstream
+
+    torch.set_num_threads(int(os.environ.get("SPEECHBENCH_THREADS", os.cpu_count() or 1)))
+    utts, root = load_inputs(args.data, args.audio_root)
+    upstream = build_upstream(args.upstream, ckpt=args.ckpt, trust_checkpoint=args.trust_checkpoint)
+    summary = extract_features(upstream, utts, root, args.out, dtype=args.dtype, max_batch_s=args.max_batch_s)
+    print(f"extracted {summary.written} utterances ({summary.audio_seconds:.1f} s of audio, "
+          f"{summary.speed:.1f}x real time), {summary.skipped} already done -> {args.out}")
+    return 0
+
+
+def cmd_check_upstream(args: argparse.Namespace) -> int:
+    import torch
+
+    from benchmark.check_upstream import run_check
+
+    torch.set_num_threads(int(os.environ.get("SPEECHBENCH_THREADS", os.cpu_count() or 1)))
+    ok = run_check(args.upstream, ckpt=args.ckpt, trust_checkpoint=args.trust_checkpoint, long_seconds=args.seconds)
+    return 0 if ok else 1
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -162,11 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from benchmark.config import ConfigError
     from downstreams.data import DataError
+    from upstreams.checkpoints import CheckpointError
 
-    handlers = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "data": cmd_data}
+    handlers = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "data": cmd_data,
+                "extract": cmd_extract, "check-upstream": cmd_check_upstream}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError, FloatingPointError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FloatingPointError) as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
     except KeyError as e:

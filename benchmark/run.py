@@ -51,6 +51,13 @@ class RunRequest:
     fold: int | None = None
     out_dir: str = "results"
     rerun: bool = False
+    ckpt: str | None = None  # local checkpoint replacing a family/card upstream's published one
+    trust_checkpoint: bool = False  # allow checkpoints that need full unpickling
+
+    @property
+    def upstream_label(self) -> str:
+        """The upstream's name in results: ``--upstream``, plus ``@<checkpoint file>`` when ``--ckpt`` is given."""
+        return f"{self.upstream}@{Path(self.ckpt).name}" if self.ckpt else self.upstream
 
 
 def default_recipe(task: str, data_root: str | None) -> str:
@@ -145,6 +152,7 @@ class FeatureSet:
 
     def __init__(self, upstream, upstream_name: str, task: Task, prepared: PreparedData, cfg: RunConfig):
         self.mode, crop_s = choose_cache(cfg, task, prepared, upstream)
+        self.crop_s = crop_s  # training crop (None: whole utterances); length buckets use the cropped durations
         self.pooled = self.mode == "pooled"
         self.description = {"pooled": "pooled cache (per-layer time-means)", "frames": "frames cache (float16)",
                             "off": "upstream on the fly"}[self.mode] + (f", {crop_s:g} s training crops"
@@ -179,7 +187,8 @@ def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepa
     model = DownstreamModel(featurizer, task.build_head(upstream.hidden_size, prepared, cfg.task_options))
     train_utts, dev_utts, test_utts = (prepared.splits[s] for s in ("train", "dev", "test"))
     state = train(model, task, cfg, features.sources["train"], task.targets(train_utts, prepared),
-                  [u.duration_s for u in train_utts], features.sources["dev"], task.references(dev_utts, prepared),
+                  [min(u.duration_s, features.crop_s or u.duration_s) for u in train_utts], features.sources["dev"],
+                  task.references(dev_utts, prepared),
                   run_dir / "checkpoints", frame_batches=not features.pooled)
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True))
     scores, predictions = evaluate(model, task, features.sources["test"], task.references(test_utts, prepared),
@@ -188,7 +197,7 @@ def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepa
                                                   task.references(test_utts, prepared))
     result = {
         "schema_version": SCHEMA_VERSION,
-        "upstream": _upstream_record(upstream, req.upstream),
+        "upstream": _upstream_record(upstream, req.upstream_label),
         "task": task.name,
         "recipe": {"name": cfg.recipe, "config_sha256": config_sha256(cfg)},
         "data": {"corpus": prepared.corpus, **prepared.info},
@@ -231,7 +240,7 @@ def run(req: RunRequest) -> list[dict]:
     source = "the synthetic corpus (a smoke benchmark, not SUPERB numbers)" if base_cfg.data.corpus == "synth" \
         else f"the real corpus at {base_cfg.data.root}"
     log.info("task %s, upstream %s, recipe %s, data: %s", task.name, req.upstream, base_cfg.recipe, source)
-    upstream = build_upstream(req.upstream)
+    upstream = build_upstream(req.upstream, ckpt=req.ckpt, trust_checkpoint=req.trust_checkpoint)
     folds: list[int | None] = [req.fold] if req.fold is not None else (list(task.folds) or [None])
     lrs = list(req.lrs) or [base_cfg.optim.lr]
     seeds = list(req.seeds) or [base_cfg.train.seed]
@@ -247,7 +256,7 @@ def run(req: RunRequest) -> list[dict]:
             for lr in lrs:
                 cfg = dataclasses.replace(fold_cfg, optim=dataclasses.replace(fold_cfg.optim, lr=lr),
                                           train=dataclasses.replace(fold_cfg.train, seed=seed))
-                run_dir = run_dir_for(out_dir, req.upstream, cfg, fold, req.rerun)
+                run_dir = run_dir_for(out_dir, req.upstream_label, cfg, fold, req.rerun)
                 if (run_dir / "result.json").exists():
                     log.info("already done: %s (pass --rerun for a new run)", run_dir / "result.json")
                     rows.append((run_dir, read_result(run_dir / "result.json")))
@@ -260,7 +269,7 @@ def run(req: RunRequest) -> list[dict]:
                         write_manifest(run_dir / "manifests" / f"{split}.jsonl", utts)
                     log.info("run %s: lr %g, seed %d%s", run_dir, lr, seed, f", fold {fold}" if fold else "")
                     if features is None:
-                        features = FeatureSet(upstream, req.upstream, task, prepared, cfg)
+                        features = FeatureSet(upstream, req.upstream_label, task, prepared, cfg)
                     result = train_and_score(req, task, cfg, upstream, prepared, features, run_dir, fold)
                     log.info("test %s = %.2f%s (best dev step %d) -> %s", task.metric, result["value"], task.unit,
                              result["best_step"], run_dir / "result.json")

@@ -31,6 +31,32 @@ class DataError(ValueError):
     """A dataset or audio file that does not match what a task expects (one-line message)."""
 
 
+def expect_path(path: str | os.PathLike, what: str, layout: str) -> Path:
+    """Return ``path`` if it exists, else raise a one-line :class:`DataError` naming what the layout expects there
+    and what its parent folder holds instead (the first 12 names)."""
+    path = Path(path)
+    if not path.exists():
+        parent = path.parent
+        found = sorted(p.name for p in parent.iterdir())[:12] if parent.is_dir() else []
+        hint = f"; found in {parent}: {', '.join(found) or 'nothing'}" if parent.is_dir() else ""
+        raise DataError(f"{path}: expected {what} of the {layout} layout, not found{hint}")
+    return path
+
+
+def audio_duration_s(path: str | os.PathLike, listed_in: str | os.PathLike | None = None) -> float:
+    """Duration of an audio file from its header; a one-line :class:`DataError` if it is missing or unreadable
+    (``listed_in``: the list or label file that named it, for the message)."""
+    path = Path(path)
+    where = f" (listed in {listed_in})" if listed_in else ""
+    if not path.is_file():
+        raise DataError(f"{path}: audio file not found{where}")
+    try:
+        info = sf.info(str(path))
+    except Exception as e:  # soundfile raises several types; one clear message for all
+        raise DataError(f"{path}: cannot read audio{where} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return info.frames / info.samplerate
+
+
 @dataclass(frozen=True)
 class Utterance:
     id: str

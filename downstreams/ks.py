@@ -21,7 +21,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from downstreams.data import DataError, Utterance, read_manifest
+from downstreams.data import DataError, Utterance, expect_path, read_manifest
 from downstreams.heads import UtteranceLevelHead
 from downstreams.metrics import accuracy_percent
 from downstreams.tasks import PreparedData, Task, register_task
@@ -40,15 +40,6 @@ class KSOptions:
 
 def _synth_splits(corpus_dir: Path) -> dict[str, list[Utterance]]:
     return {split: read_manifest(corpus_dir / "ks" / f"{split}.jsonl") for split in ("train", "dev", "test")}
-
-
-def _expect(path: Path, what: str, layout: str) -> Path:
-    if not path.exists():
-        parent = path.parent
-        found = sorted(p.name for p in parent.iterdir())[:12] if parent.is_dir() else []
-        hint = f"; found in {parent}: {', '.join(found) or 'nothing'}" if parent.is_dir() else ""
-        raise DataError(f"{path}: expected {what} of the {layout} layout, not found{hint}")
-    return path
 
 
 def _read_list(path: Path) -> set[str]:
@@ -77,14 +68,15 @@ def _silence_crops(root: Path) -> dict[str, list[Utterance]]:
 def prepare_real(root: Path, test_root: Path | None) -> dict[str, list[Utterance]]:
     """Manifests for the real Speech Commands v0.01 layout (see the module docstring)."""
     layout = REAL_CORPUS
-    _expect(root, "the corpus folder", layout)
-    val_list = _read_list(_expect(root / "validation_list.txt", "validation_list.txt", layout))
-    test_list = _read_list(_expect(root / "testing_list.txt", "testing_list.txt", layout))
-    _expect(root / BACKGROUND, f"the {BACKGROUND}/ folder", layout)
+    expect_path(root, "the corpus folder", layout)
+    val_list = _read_list(expect_path(root / "validation_list.txt", "validation_list.txt", layout))
+    test_list = _read_list(expect_path(root / "testing_list.txt", "testing_list.txt", layout))
+    expect_path(root / BACKGROUND, f"the {BACKGROUND}/ folder", layout)
     for word in WORDS:
-        _expect(root / word, f"the word folder {word}/", layout)
+        expect_path(root / word, f"the word folder {word}/", layout)
     test_root = test_root or root.parent / "speech_commands_test_set_v0.01"
-    _expect(test_root, "the official test set folder (set task_options.test_root)", "speech_commands_test_set_v0.01")
+    expect_path(test_root, "the official test set folder (set task_options.test_root)",
+                "speech_commands_test_set_v0.01")
     splits: dict[str, list[Utterance]] = {"train": [], "dev": [], "test": []}
     for word_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name != BACKGROUND):
         keyword = word_dir.name if word_dir.name in WORDS else "_unknown_"
@@ -97,7 +89,7 @@ def prepare_real(root: Path, test_root: Path | None) -> dict[str, list[Utterance
     for split, crops in _silence_crops(root).items():
         splits[split].extend(crops)
     for label in CLASSES:
-        folder = _expect(test_root / label, f"the test folder {label}/", "speech_commands_test_set_v0.01")
+        folder = expect_path(test_root / label, f"the test folder {label}/", "speech_commands_test_set_v0.01")
         for wav in sorted(folder.glob("*.wav")):
             utt = _wav_utterance(test_root, f"{label}/{wav.name}", "test", label)
             splits["test"].append(Utterance(utt.id, str(test_root / utt.path), utt.duration_s, utt.speaker,

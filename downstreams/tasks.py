@@ -104,4 +104,10 @@ def list_tasks() -> list[Task]:
 
 def _load_builtin_tasks() -> None:
     # Importing a task module registers it; one line per task keeps "adding a task" to its own module + this list.
-    from downstreams import ks  # noqa: F401
+    import downstreams.asr  # noqa: F401
+    import downstreams.asv  # noqa: F401
+    import downstreams.er  # noqa: F401
+    import downstreams.ic  # noqa: F401
+    import downstreams.ks  # noqa: F401
+    import downstreams.pr  # noqa: F401
+    import downstreams.sid  # noqa: F401

@@ -1,9 +1,34 @@
-"""Look up and build upstreams by name. Importing this module registers every built-in upstream."""
+"""Look up and build upstreams: registered names, checkpoint cards, local paths, HF hub ids and ``s3prl:<name>``.
+
+``build_upstream(NAME_OR_PATH, ckpt=None, trust_checkpoint=False)`` resolves, in this order:
+
+1. ``s3prl:<name>``: the s3prl bridge (s3prl imported only then);
+2. a registered weight-free upstream (``fbank``, ``fbank_no_cmvn``, ``mfcc``);
+3. a card ``upstreams/cards/<name>.yaml`` (``wav2vec2``, ``hubert``, ``apc``, ...): its published checkpoint, or the
+   ``ckpt`` path when given (which must hold the card's model family);
+4. an existing path: a checkpoint file or directory, format detected (:func:`upstreams.checkpoints.detect_checkpoint`);
+5. an HF hub id ``org/name`` (or ``hf:org/name``): HF cache first, network only when not offline.
+
+Anything else is a one-line error listing what was tried.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
 from upstreams import fbank  # noqa: F401  (registers fbank, fbank_no_cmvn, mfcc)
 from upstreams.base import UPSTREAMS, Upstream, UpstreamEntry
+from upstreams.checkpoints import FAMILIES, CheckpointError, DetectedCheckpoint, detect_checkpoint
+
+log = logging.getLogger("speechbench")
+
+CARDS_DIR = Path(__file__).resolve().parent / "cards"
+CARD_FIELDS = ("name", "family", "description", "source", "license", "sha256", "reference")
 
 
 class UnknownUpstreamError(KeyError):
@@ -11,17 +36,147 @@ class UnknownUpstreamError(KeyError):
         return str(self.args[0])
 
 
+@dataclass(frozen=True)
+class Card:
+    """A named published checkpoint (``upstreams/cards/<name>.yaml``)."""
+
+    name: str
+    family: str
+    description: str
+    source: str  # "hf:<org/name>" or an URL
+    license: str | None = None
+    sha256: str | None = None
+    reference: str | None = None
+
+
+def _read_card(path: Path) -> Card:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path}: unreadable card ({type(e).__name__})") from None
+    unknown = sorted(set(raw) - set(CARD_FIELDS))
+    missing = [k for k in ("name", "family", "description", "source") if not raw.get(k)]
+    if unknown or missing:
+        raise CheckpointError(f"{path}: card has unknown field(s) {unknown} / lacks {missing}")
+    if raw["family"] not in FAMILIES or raw["name"] != path.stem:
+        raise CheckpointError(f"{path}: family must be one of {FAMILIES} and name must match the file name")
+    return Card(**{k: (str(v) if v is not None else None) for k, v in raw.items()})
+
+
+@functools.lru_cache(maxsize=1)
+def load_cards() -> dict[str, Card]:
+    """Every card shipped in ``upstreams/cards``, by name."""
+    return {card.name: card for card in map(_read_card, sorted(CARDS_DIR.glob("*.yaml")))}
+
+
+def _card_entry(card: Card) -> UpstreamEntry:
+    summary = (f"{card.description}\n{card.family} checkpoint: {card.source} (license {card.license or 'unknown'}); "
+               f"or your own: --upstream {card.name} --ckpt PATH")
+    return UpstreamEntry(card.name, functools.partial(build_upstream, card.name), summary, needs_weights=True)
+
+
 def get_upstream_entry(name: str) -> UpstreamEntry:
-    if name not in UPSTREAMS:
-        available = ", ".join(sorted(UPSTREAMS))
-        raise UnknownUpstreamError(f"unknown upstream {name!r}; available: {available}")
-    return UPSTREAMS[name]
-
-
-def build_upstream(name: str, **options) -> Upstream:
-    """Build a frozen upstream by registry name."""
-    return get_upstream_entry(name).build(**options)
+    if name in UPSTREAMS:
+        return UPSTREAMS[name]
+    cards = load_cards()
+    if name in cards:
+        return _card_entry(cards[name])
+    available = ", ".join(sorted(set(UPSTREAMS) | set(cards)))
+    raise UnknownUpstreamError(f"unknown upstream {name!r}; available: {available}")
 
 
 def list_upstreams() -> list[UpstreamEntry]:
-    return [UPSTREAMS[name] for name in sorted(UPSTREAMS)]
+    """Registered weight-free upstreams and checkpoint cards, by name."""
+    entries = {**{c.name: _card_entry(c) for c in load_cards().values()}, **UPSTREAMS}
+    return [entries[name] for name in sorted(entries)]
+
+
+def upstream_from_checkpoint(detected: DetectedCheckpoint, name: str) -> Upstream:
+    """Build the upstream of a detected checkpoint (any format, any family)."""
+    family, fmt, path = detected.family, detected.format, detected.path
+    if family in ("wav2vec2", "hubert"):
+        from upstreams.hf import load_fairseq, load_hf_directory
+
+        if fmt in ("hf-dir", "speechbench"):
+            return load_hf_directory(path, name, fmt, detected.sha256, detected.info)
+        return load_fairseq(detected, name)
+    from upstreams.checkpoints import load_speechbench_checkpoint
+
+    if family == "apc":
+        from upstreams.apc import apc_from_ours, apc_from_s3prl
+
+        if fmt == "speechbench":
+            return apc_from_ours(*load_speechbench_checkpoint(path), name, str(path), detected.sha256)
+        return apc_from_s3prl(detected.payload, name, str(path), fmt, detected.sha256)
+    from upstreams.cpc import cpc_from_ours, cpc_from_s3prl
+
+    if fmt == "speechbench":
+        return cpc_from_ours(*load_speechbench_checkpoint(path), name, str(path), detected.sha256)
+    return cpc_from_s3prl(detected.payload, name, str(path), detected.sha256)
+
+
+def _card_source(card: Card) -> Path:
+    from upstreams.fetch import hub_directory, url_file
+
+    if card.source.startswith("hf:"):
+        return hub_directory(card.source[3:], card.name, is_card=True)
+    return url_file(card.source, card.name, card.sha256)
+
+
+def _check_family(detected: DetectedCheckpoint, family: str, name: str) -> None:
+    if detected.family != family:
+        raise CheckpointError(f"{detected.path}: holds a {detected.family} model, but --upstream {name} is a {family} "
+                              f"upstream; pass --upstream {detected.family} (or the path alone)")
+
+
+def build_upstream(name_or_path: str, ckpt: str | None = None, trust_checkpoint: bool = False,
+                   **options) -> Upstream:
+    """Build a frozen upstream from a registered name, card, checkpoint path, HF hub id or ``s3prl:<name>``.
+
+    ``ckpt`` replaces a card's published checkpoint with a local one of the same family. ``trust_checkpoint``
+    allows full unpickling of checkpoints that need classes outside the safe allow-list.
+    """
+    text = str(name_or_path)
+    if text.startswith("s3prl:"):
+        from upstreams.s3prl_bridge import build_s3prl_upstream
+
+        return build_s3prl_upstream(text[len("s3prl:"):], ckpt)
+    cards = load_cards()
+    if text in UPSTREAMS:
+        if ckpt:
+            raise CheckpointError(f"upstream {text!r} has no weights, so --ckpt does not apply; checkpoint families: "
+                                  f"{', '.join(sorted(cards))}")
+        return UPSTREAMS[text].build(**options)
+    if options:
+        raise ValueError(f"upstream {text!r} takes no options; got {sorted(options)}")
+    if text in cards:
+        card = cards[text]
+        if ckpt:
+            detected = detect_checkpoint(ckpt, trust_checkpoint)
+        else:
+            log.info("%s: card %s -> %s", text, CARDS_DIR / f"{text}.yaml", card.source)
+            detected = detect_checkpoint(_card_source(card), trust_checkpoint)
+            if card.sha256 and detected.sha256 and detected.sha256 != card.sha256.lower():
+                raise CheckpointError(f"{detected.path}: sha256 {detected.sha256[:16]}... differs from the card's "
+                                      f"{card.sha256[:16]}...; the cached copy is not the published checkpoint")
+        _check_family(detected, card.family, text)
+        return upstream_from_checkpoint(detected, text)
+    if ckpt:
+        raise CheckpointError(f"--ckpt needs a model family or card as --upstream ({', '.join(sorted(cards))}); "
+                              f"got {text!r}")
+    path = Path(text).expanduser()
+    if path.exists():
+        return upstream_from_checkpoint(detect_checkpoint(path, trust_checkpoint), text)
+    from upstreams.fetch import hub_directory, looks_like_hub_id
+
+    if text.startswith("hf:") or looks_like_hub_id(text):
+        repo = text[3:] if text.startswith("hf:") else text
+        try:
+            directory = hub_directory(repo, repo)
+        except CheckpointError as e:
+            prefix = "" if text.startswith("hf:") else f"no file or directory {text}, and as an HF hub id: "
+            raise CheckpointError(f"{prefix}{e}") from None
+        return upstream_from_checkpoint(detect_checkpoint(directory, trust_checkpoint), text)
+    names = ", ".join(sorted(set(UPSTREAMS) | set(cards)))
+    raise UnknownUpstreamError(f"unknown upstream {text!r}: not a registered name or card ({names}), not an existing "
+                               f"path, not an HF hub id (org/name), not s3prl:<name>")

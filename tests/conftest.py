@@ -1,0 +1,26 @@
+"""Shared fixtures: every test session gets its own cache directory (synthetic corpus + feature cache)."""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """Point SPEECHBENCH_CACHE at a fresh directory for the whole session, so the tiny corpus is built once."""
+    path = tmp_path_factory.mktemp("speechbench-cache")
+    old = os.environ.get("SPEECHBENCH_CACHE")
+    os.environ["SPEECHBENCH_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SPEECHBENCH_CACHE", None)
+    else:
+        os.environ["SPEECHBENCH_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def synth_tiny(session_cache):
+    """The tiny synthetic corpus (all seven tasks), generated once per session into the session cache."""
+    from downstreams.synth.corpus import ensure_corpus
+
+    return ensure_corpus("tiny", seed=0, progress=False)

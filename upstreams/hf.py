@@ -1,0 +1,259 @@
+"""wav2vec 2.0 and HuBERT upstreams through ``transformers`` (``Wav2Vec2Model`` / ``HubertModel``).
+
+Conventions (SUPERB / s3prl):
+
+- **Hidden states**: the input of every transformer layer plus the encoder's final output, ``L = layers + 1``
+  (13 Base, 25 Large). We build them as ``hidden_states[:-1] + (last_hidden_state,)``, which is that list for both
+  encoder kinds and every ``transformers`` version:
+
+  * post-LN encoders (Base, ``do_stable_layer_norm=False``): ``hidden_states[0]`` is ``LayerNorm(x + pos_conv(x))``,
+    the input of layer 1; ``hidden_states[i]`` is the output of layer ``i``; the last equals ``last_hidden_state``.
+  * pre-LN encoders (Large, "stable layer norm"): ``hidden_states[0]`` is ``x + pos_conv(x)`` (no norm: each layer
+    normalises its own input) and ``hidden_states[i]`` the raw residual stream after layer ``i``. The encoder output
+    is ``encoder.layer_norm`` of the last layer's output. ``transformers`` 5 returns the *un-normalised* last layer
+    output as ``hidden_states[-1]`` (4.x returned the normalised one), so we always take ``last_hidden_state``
+    instead: the fairseq encoder output that s3prl's hooks expose.
+- **Layer drop** off (``config.layerdrop = 0``), eval mode, no gradients, no SpecAugment masking (eval).
+- **Attention mask** only for checkpoints whose feature extractor uses layer norm (``feat_extract_norm ==
+  "layer"``, the Large models); Base models (group norm) were trained without one.
+- **Waveform normalisation** (zero mean, unit variance per utterance over its valid samples) only where the
+  checkpoint asks: HF ``preprocessor_config.json`` ``do_normalize`` (eps 1e-7, as ``Wav2Vec2FeatureExtractor``),
+  fairseq/s3prl ``task.normalize`` (eps 1e-5, as fairseq's ``F.layer_norm``), our ``speechbench.json``
+  ``normalize``; a checkpoint without any of these is not normalised.
+- **Frames**: ``downsample_rate`` = product of the conv strides (320); valid frames by the conv arithmetic
+  ``n <- (n - kernel) // stride + 1`` per conv layer (``_get_feat_extract_output_lengths``). Inputs shorter than the
+  receptive field (400 samples) are zero-padded to it (1 frame). Padded frames are zero.
+- **Batch invariance**: every output equals the utterance's own unpadded forward. A layer-norm model with its
+  attention mask gives that directly. A group-norm (Base) model fed a padded batch without attention mask does not
+  (its first conv's GroupNorm normalises each channel over time, padding included, and attention sees the padded
+  frames); s3prl accepts that, so its Base features depend on the batch. We make padded batches exact instead:
+  for the forward of a padded batch, a hook on that GroupNorm recomputes its statistics over each utterance's valid
+  frames, and the frame mask goes to the encoder (padded frames zeroed before the positional conv, excluded from
+  attention). Each utterance then sees exactly what it sees alone, where the convention (no mask, no padding) holds
+  trivially; batches of equal lengths run untouched. Should a future ``transformers`` change that layer's layout,
+  we fall back to sub-batches of equal-length utterances (also exact, slower on variable lengths).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from upstreams.base import UpstreamOutput, freeze
+from upstreams.checkpoints import CheckpointError, DetectedCheckpoint, sha256_file, weight_file, write_speechbench_json
+
+log = logging.getLogger("speechbench")
+
+SAMPLE_RATE = 16000
+HF_NORM_EPS = 1e-7  # transformers Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
+FAIRSEQ_NORM_EPS = 1e-5  # fairseq / s3prl: F.layer_norm(wav, wav.shape)
+
+
+def model_class(family: str):
+    from transformers import HubertModel, Wav2Vec2Model
+
+    if family not in ("wav2vec2", "hubert"):
+        raise ValueError(f"not a transformers family: {family!r}")
+    return HubertModel if family == "hubert" else Wav2Vec2Model
+
+
+def normalize_waveforms(wavs: torch.Tensor, wav_lengths: torch.Tensor, eps: float) -> torch.Tensor:
+    """Zero mean, unit (population) variance per utterance over its valid samples; padding stays 0. ``[B, S]``."""
+    mask = (torch.arange(wavs.shape[1], device=wavs.device)[None, :] < wav_lengths[:, None]).to(wavs.dtype)
+    count = wav_lengths.to(wavs.dtype).clamp_min(1.0)[:, None]
+    mean = (wavs * mask).sum(1, keepdim=True) / count
+    var = ((wavs - mean) * mask).square().sum(1, keepdim=True) / count
+    return (wavs - mean) / torch.sqrt(var + eps) * mask
+
+
+class HFUpstream(nn.Module):
+    """A frozen ``Wav2Vec2Model`` / ``HubertModel`` behind the upstream contract.
+
+    ``forward(wavs [B, S], wav_lengths [B]) -> UpstreamOutput(hidden [B, L, T, D], lengths [B])`` with
+    ``L = num_hidden_layers + 1``, ``D = hidden_size``, ``lengths = frame_lengths(wav_lengths)``, ``T = max(lengths)``.
+    """
+
+    sample_rate: int = SAMPLE_RATE
+
+    def __init__(self, model: nn.Module, name: str, family: str, normalize: bool, norm_eps: float = HF_NORM_EPS,
+                 checkpoint_format: str = "random", checkpoint_sha256: str | None = None) -> None:
+        super().__init__()
+        config = model.config
+        config.layerdrop = 0.0
+        self.model = freeze(model.float())
+        self.name, self.family = name, family
+        self.num_layers = int(config.num_hidden_layers) + 1
+        self.hidden_size = int(config.hidden_size)
+        self.conv_kernel = tuple(int(k) for k in config.conv_kernel)
+        self.conv_stride = tuple(int(s) for s in config.conv_stride)
+        self.downsample_rate = math.prod(self.conv_stride)
+        self.receptive_field = 1 + sum((k - 1) * math.prod(self.conv_stride[:i])
+                                       for i, k in enumerate(self.conv_kernel))
+        self.use_attention_mask = config.feat_extract_norm == "layer"
+        self.pre_layer_norm = bool(config.do_stable_layer_norm)
+        self.normalize, self.norm_eps = bool(normalize), float(norm_eps)
+        self.checkpoint_format, self.checkpoint_sha256 = checkpoint_format, checkpoint_sha256
+        self._masked_norm = None if self.use_attention_mask else self._group_norm_layer()
+        self.settings = {"family": family, "normalize": self.normalize, "norm_eps": self.norm_eps,
+                         "attention_mask": self.use_attention_mask, "pre_layer_norm": self.pre_layer_norm}
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, family={self.family}, num_layers={self.num_layers}, "
+                f"hidden_size={self.hidden_size}, normalize={self.normalize}, attention_mask={self.use_attention_mask}")
+
+    def frame_lengths(self, wav_lengths: torch.Tensor) -> torch.Tensor:
+        """Valid frames per utterance by the conv arithmetic (inputs shorter than the receptive field count as it)."""
+        n = torch.as_tensor(wav_lengths).long().clamp_min(self.receptive_field)
+        for k, s in zip(self.conv_kernel, self.conv_stride, strict=True):
+            n = torch.div(n - k, s, rounding_mode="floor") + 1
+        return n
+
+    def _group_norm_layer(self) -> nn.GroupNorm | None:
+        """The first conv layer's per-channel GroupNorm of a group-norm feature extractor (None if not found)."""
+        layers = getattr(getattr(self.model, "feature_extractor", None), "conv_layers", None)
+        norm = getattr(layers[0], "layer_norm", None) if layers is not None and len(layers) else None
+        if isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels and norm.affine:
+            return norm
+        return None
+
+    def _groups(self, wav_lengths: torch.Tensor) -> list[torch.Tensor]:
+        lengths = wav_lengths.clamp_min(self.receptive_field)
+        if self.use_attention_mask or self._masked_norm is not None or bool((lengths == lengths[0]).all()):
+            return [torch.arange(wav_lengths.shape[0])]
+        return [torch.nonzero(lengths == n).flatten() for n in torch.unique(lengths)]
+
+    @contextmanager
+    def _valid_frame_group_norm(self, sample_lengths: torch.Tensor):
+        """While active, the first GroupNorm normalises each utterance over its own valid frames only."""
+        norm = self._masked_norm
+        frames = torch.div(sample_lengths - self.conv_kernel[0], self.conv_stride[0], rounding_mode="floor") + 1
+
+        def hook(module: nn.GroupNorm, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = inputs[0]  # [B, C, T0] conv output
+            mask = (torch.arange(x.shape[-1], device=x.device)[None, :] < frames[:, None]).to(x.dtype)[:, None, :]
+            count = frames.to(x.dtype)[:, None, None]
+            mean = (x * mask).sum(-1, keepdim=True) / count
+            var = ((x - mean) * mask).square().sum(-1, keepdim=True) / count
+            return (x - mean) * torch.rsqrt(var + module.eps) * module.weight[:, None] + module.bias[:, None]
+
+        handle = norm.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def forward(self, wavs: torch.Tensor, wav_lengths: torch.Tensor) -> UpstreamOutput:
+        if wavs.dim() != 2:
+            raise ValueError(f"{self.name}: wavs must be [B, S]; got shape {tuple(wavs.shape)}")
+        wav_lengths = torch.as_tensor(wav_lengths, device=wavs.device).long()
+        if wav_lengths.shape != (wavs.shape[0],) or (wavs.shape[0] and (int(wav_lengths.min()) < 1 or
+                                                                        int(wav_lengths.max()) > wavs.shape[1])):
+            raise ValueError(f"{self.name}: wav_lengths must be [B] in [1, {wavs.shape[1]}]; "
+                             f"got {wav_lengths.tolist()}")
+        wavs = wavs.float()
+        if self.normalize:
+            wavs = normalize_waveforms(wavs, wav_lengths, self.norm_eps)
+        else:
+            wavs = wavs * (torch.arange(wavs.shape[1], device=wavs.device)[None, :] < wav_lengths[:, None])
+        if wavs.shape[1] < self.receptive_field:
+            wavs = nn.functional.pad(wavs, (0, self.receptive_field - wavs.shape[1]))
+        frames = self.frame_lengths(wav_lengths)
+        total = int(frames.max()) if frames.numel() else 0
+        hidden = wavs.new_zeros(wavs.shape[0], self.num_layers, total, self.hidden_size)
+        for idx in self._groups(wav_lengths.cpu()):
+            idx = idx.to(wavs.device)
+            valid = wav_lengths[idx].clamp_min(self.receptive_field)  # short inputs count as zero-padded to R
+            n = int(valid.max())
+            padded = bool((valid < n).any())
+            mask = (torch.arange(n, device=wavs.device)[None, :] < valid[:, None]).long() \
+                if self.use_attention_mask or padded else None
+            with self._valid_frame_group_norm(valid) if padded and self._masked_norm is not None else nullcontext():
+                out = self.model(wavs[idx, :n], attention_mask=mask, output_hidden_states=True)
+            states = torch.stack(tuple(out.hidden_states[:-1]) + (out.last_hidden_state,), dim=1)  # [b, L, t, D]
+            hidden[idx, :, : states.shape[2]] = states
+        valid = torch.arange(total, device=wavs.device)[None, :] < frames[:, None]
+        hidden = hidden * valid[:, None, :, None].to(hidden.dtype)
+        return UpstreamOutput(hidden=hidden, lengths=frames)
+
+
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _dir_normalize(path: Path, meta: dict | None) -> tuple[bool, str]:
+    if meta and "normalize" in meta:
+        return bool(meta["normalize"]), f"{path.name}/speechbench.json"
+    pre = path / "preprocessor_config.json"
+    if pre.is_file():
+        try:
+            cfg = json.loads(pre.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{pre}: unreadable ({type(e).__name__}: {e})") from None
+        return bool(cfg.get("do_normalize", True)), "preprocessor_config.json do_normalize"
+    return False, "no preprocessor_config.json"
+
+
+def load_hf_directory(path: str | os.PathLike, name: str, checkpoint_format: str = "hf-dir",
+                      sha256: str | None = None, meta: dict | None = None) -> HFUpstream:
+    """An upstream from a local HF directory (``config.json`` + weights [+ ``preprocessor_config.json``])."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: unreadable ({type(e).__name__}: {e})") from None
+    family = config.get("model_type")
+    if family not in ("wav2vec2", "hubert"):
+        raise CheckpointError(f"{path}: model_type {family!r} is not wav2vec2 or hubert")
+    weights = weight_file(path)
+    if weights is None:
+        raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
+    try:
+        with _quiet_transformers():
+            model = model_class(family).from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: transformers could not load it ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    normalize, why = _dir_normalize(path, meta)
+    log.info("%s: %s model, waveform normalisation %s (%s), attention mask %s", path, family,
+             "on" if normalize else "off", why, "on" if model.config.feat_extract_norm == "layer" else "off")
+    return HFUpstream(model, name, family, normalize, HF_NORM_EPS, checkpoint_format,
+                      sha256 or sha256_file(weights))
+
+
+def load_fairseq(detected: DetectedCheckpoint, name: str) -> HFUpstream:
+    """An upstream from a fairseq or s3prl-converted wav2vec2/HuBERT pickle, converted by the key map."""
+    from upstreams.fairseq_convert import fairseq_to_hf_model
+
+    model, normalize = fairseq_to_hf_model(detected.payload, detected.family, str(detected.path))
+    log.info("%s: converted %s to transformers (%d layers, %d-d), waveform normalisation %s (task.normalize)",
+             detected.path, detected.label, model.config.num_hidden_layers, model.config.hidden_size,
+             "on" if normalize else "off")
+    return HFUpstream(model, name, detected.family, normalize, FAIRSEQ_NORM_EPS, detected.format, detected.sha256)
+
+
+def save_hf_checkpoint(model: nn.Module, out_dir: str | os.PathLike, normalize: bool) -> Path:
+    """Write our format for wav2vec2/HuBERT: an HF directory (``config.json``, ``model.safetensors``,
+    ``preprocessor_config.json``) plus ``speechbench.json`` (written last, so its presence means complete)."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    Wav2Vec2FeatureExtractor(do_normalize=normalize, return_attention_mask=model.config.feat_extract_norm == "layer",
+                             sampling_rate=SAMPLE_RATE).save_pretrained(str(out_dir))
+    write_speechbench_json(out_dir, model.config.model_type, {"normalize": bool(normalize)})
+    return out_dir
