@@ -7,7 +7,8 @@ Checks, each printed as one PASS/FAIL line:
 - ``shapes``: a padded batch gives ``hidden [B, L, T, D]`` with the declared L and D, ``lengths [B]`` integers and
   ``T == max(lengths)``;
 - ``frame counts``: ``lengths`` follow the model's rule (its ``frame_lengths(wav_lengths)``, e.g. the conv
-  arithmetic or Kaldi ``snip_edges``) and stay within a few frames of ``S / downsample_rate``;
+  arithmetic; without one, Kaldi ``snip_edges`` for 10 ms upstreams) and stay within a few frames of
+  ``S / downsample_rate``;
 - ``batch invariance``: batched and one-at-a-time outputs agree on every valid frame (max |diff| <= 1e-4 x scale);
 - ``deterministic``: the same batch twice gives identical outputs (eval mode, no dropout);
 - ``30 s input``: one 30-second utterance runs, with the right frame count;
@@ -65,11 +66,18 @@ def _batch(sample_rate: int, seconds: tuple[float, ...], seed: int) -> tuple[tor
     return wavs, lengths
 
 
+def kaldi_frames(wav_lengths: torch.Tensor, frame_length: int = 400, frame_shift: int = 160) -> torch.Tensor:
+    """Kaldi ``snip_edges`` frame count (25 ms / 10 ms at 16 kHz), at least 1."""
+    return 1 + torch.div(wav_lengths.clamp_min(frame_length) - frame_length, frame_shift, rounding_mode="floor")
+
+
 def _expected_frames(upstream: Upstream, wav_lengths: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     rule: Callable | None = getattr(upstream, "frame_lengths", None)
-    if rule is None:
-        return None, "no frame_lengths rule declared; checked against S / downsample_rate only"
-    return torch.as_tensor(rule(wav_lengths)).long(), "the model's rule"
+    if rule is not None:
+        return torch.as_tensor(rule(wav_lengths)).long(), "the model's frame_lengths rule"
+    if upstream.downsample_rate == 160:
+        return kaldi_frames(wav_lengths), "Kaldi snip_edges 25/10 ms (no frame_lengths declared)"
+    return None, "no frame_lengths rule declared; checked against S / downsample_rate only"
 
 
 def _frames_ok(upstream: Upstream, wav_lengths: torch.Tensor, lengths: torch.Tensor) -> tuple[bool, str]:

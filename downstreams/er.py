@@ -25,6 +25,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,7 +122,7 @@ def split_fold(utterances: Sequence[Utterance], fold: int, dev_fraction: float =
     return splits
 
 
-def prepare(data_cfg, options: EROptions) -> PreparedData:
+def prepare(data_cfg: Any, options: EROptions) -> PreparedData:
     if data_cfg.corpus == "synth":
         from downstreams.synth.corpus import ensure_corpus
 

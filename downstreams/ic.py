@@ -20,6 +20,7 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ class ICOptions:
 
 def read_fsc_csv(root: Path, csv_path: Path, split: str) -> list[Utterance]:
     """One split of the Fluent Speech Commands layout: its csv rows as utterances (durations from the wavs)."""
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         missing = [c for c in CSV_COLUMNS if c not in header]
@@ -86,7 +87,7 @@ def label_space(train: Sequence[Utterance]) -> Vocab:
     return tuple(tuple(sorted({u.labels[s] for u in train})) for s in SLOTS)
 
 
-def prepare(data_cfg, options: ICOptions) -> PreparedData:
+def prepare(data_cfg: Any, options: ICOptions) -> PreparedData:
     if data_cfg.corpus == "synth":
         from downstreams.synth.corpus import ensure_corpus
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,7 @@ def _with_speaker_label(utts: Sequence[Utterance]) -> list[Utterance]:
     return [Utterance(u.id, u.path, u.duration_s, u.speaker, u.split, {**u.labels, "label": u.speaker}) for u in utts]
 
 
-def prepare(data_cfg, options: SIDOptions) -> PreparedData:
+def prepare(data_cfg: Any, options: SIDOptions) -> PreparedData:
     if data_cfg.corpus == "synth":
         from downstreams.synth.corpus import ensure_corpus
 

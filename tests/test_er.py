@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from benchmark.cli import fold_means, main
 from benchmark.run import RunRequest, run
@@ -17,6 +18,15 @@ HEADER = "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n"
 # per dialog: (turn suffix, emotion code); exc -> hap, fru/xxx/sur dropped
 TURNS = [("F000", "neu"), ("M000", "exc"), ("F001", "ang"), ("M001", "sad"), ("F002", "hap"), ("M002", "fru"),
          ("F003", "xxx"), ("M003", "sur")]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: one thread is fastest, and avoids spin-waiting on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _wav(path: Path, seconds: float, seed: int) -> None:
@@ -122,6 +132,7 @@ def test_fold_means_average_the_selected_rows_per_seed():
 
 def test_five_fold_run_on_the_real_layout(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SPEECHBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPEECHBENCH_THREADS", "1")
     root = make_iemocap(tmp_path)
     assert main(["run", "--upstream", "fbank_no_cmvn", "--task", "er", "--data-root", str(root), "--out",
                  str(tmp_path / "out"), "train.max_steps=4", "train.eval_every=2", "train.batch_size=8"]) == 0

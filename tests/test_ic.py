@@ -20,6 +20,15 @@ TRAIN_INTENTS = [("activate", "lights", "kitchen"), ("deactivate", "lights", "no
 TEST_INTENTS = [("activate", "lights", "kitchen"), ("bring", "juice", "none")]  # "juice" unseen in training
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: one thread is fastest, and avoids spin-waiting on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _wav(path: Path, seconds: float, seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -7,12 +7,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from benchmark.run import RunRequest, run
 from downstreams import sid
 from downstreams.data import DataError
 
 SPEAKERS = ("id10001", "id10002", "id10003")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: one thread is fastest, and avoids spin-waiting on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _wav(path: Path, seconds: float, seed: int, gain: float) -> None:

@@ -32,11 +32,15 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from upstreams.checkpoints import CheckpointError, to_plain
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # fairseq defaults (fairseq.models.wav2vec.Wav2Vec2Config / hubert.HubertConfig) for keys a config may omit
 FAIRSEQ_DEFAULTS = {
@@ -165,7 +169,7 @@ def fairseq_family(payload: Mapping) -> str | None:
     return family
 
 
-def hf_config_from_fairseq(family: str, model_cfg: Mapping):
+def hf_config_from_fairseq(family: str, model_cfg: Mapping) -> PretrainedConfig:
     """A ``Wav2Vec2Config`` / ``HubertConfig`` equivalent to a fairseq model config (inference settings)."""
     from transformers import HubertConfig, Wav2Vec2Config
 
@@ -220,7 +224,7 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], hf_keys: set[str], sou
     return out
 
 
-def fairseq_to_hf_model(payload: Mapping, family: str, source: str = "checkpoint"):
+def fairseq_to_hf_model(payload: Mapping, family: str, source: str = "checkpoint") -> tuple[nn.Module, bool]:
     """Build the HF model of a fairseq / s3prl-converted checkpoint; returns ``(model, normalize)``.
 
     ``normalize`` is the fairseq task's ``normalize`` flag (zero-mean unit-variance waveforms).

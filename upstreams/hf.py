@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -56,7 +57,7 @@ HF_NORM_EPS = 1e-7  # transformers Wav2Vec2FeatureExtractor.zero_mean_unit_var_n
 FAIRSEQ_NORM_EPS = 1e-5  # fairseq / s3prl: F.layer_norm(wav, wav.shape)
 
 
-def model_class(family: str):
+def model_class(family: str) -> type[nn.Module]:
     from transformers import HubertModel, Wav2Vec2Model
 
     if family not in ("wav2vec2", "hubert"):
@@ -130,18 +131,18 @@ class HFUpstream(nn.Module):
         return [torch.nonzero(lengths == n).flatten() for n in torch.unique(lengths)]
 
     @contextmanager
-    def _valid_frame_group_norm(self, sample_lengths: torch.Tensor):
+    def _valid_frame_group_norm(self, sample_lengths: torch.Tensor) -> Iterator[None]:
         """While active, the first GroupNorm normalises each utterance over its own valid frames only."""
         norm = self._masked_norm
         frames = torch.div(sample_lengths - self.conv_kernel[0], self.conv_stride[0], rounding_mode="floor") + 1
 
         def hook(module: nn.GroupNorm, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = inputs[0]  # [B, C, T0] conv output
-            mask = (torch.arange(x.shape[-1], device=x.device)[None, :] < frames[:, None]).to(x.dtype)[:, None, :]
-            count = frames.to(x.dtype)[:, None, None]
-            mean = (x * mask).sum(-1, keepdim=True) / count
-            var = ((x - mean) * mask).square().sum(-1, keepdim=True) / count
-            return (x - mean) * torch.rsqrt(var + module.eps) * module.weight[:, None] + module.bias[:, None]
+            x = inputs[0]  # [B, C, T0] conv output; statistics per utterance and channel over its valid frames
+            stats = [torch.var_mean(x[b, :, :n], dim=-1, correction=0) for b, n in enumerate(frames.tolist())]
+            var = torch.stack([v for v, _ in stats])[..., None]
+            mean = torch.stack([m for _, m in stats])[..., None]
+            scale = torch.rsqrt(var + module.eps) * module.weight[:, None]
+            return torch.addcmul(module.bias[:, None] - mean * scale, x, scale)  # one pass over [B, C, T0]
 
         handle = norm.register_forward_hook(hook)
         try:
@@ -166,8 +167,9 @@ class HFUpstream(nn.Module):
             wavs = nn.functional.pad(wavs, (0, self.receptive_field - wavs.shape[1]))
         frames = self.frame_lengths(wav_lengths)
         total = int(frames.max()) if frames.numel() else 0
-        hidden = wavs.new_zeros(wavs.shape[0], self.num_layers, total, self.hidden_size)
-        for idx in self._groups(wav_lengths.cpu()):
+        groups = self._groups(wav_lengths.cpu())
+        hidden = wavs.new_zeros(wavs.shape[0], self.num_layers, total, self.hidden_size) if len(groups) > 1 else None
+        for idx in groups:
             idx = idx.to(wavs.device)
             valid = wav_lengths[idx].clamp_min(self.receptive_field)  # short inputs count as zero-padded to R
             n = int(valid.max())
@@ -177,14 +179,18 @@ class HFUpstream(nn.Module):
             with self._valid_frame_group_norm(valid) if padded and self._masked_norm is not None else nullcontext():
                 out = self.model(wavs[idx, :n], attention_mask=mask, output_hidden_states=True)
             states = torch.stack(tuple(out.hidden_states[:-1]) + (out.last_hidden_state,), dim=1)  # [b, L, t, D]
-            hidden[idx, :, : states.shape[2]] = states
-        valid = torch.arange(total, device=wavs.device)[None, :] < frames[:, None]
-        hidden = hidden * valid[:, None, :, None].to(hidden.dtype)
+            if len(idx) == wavs.shape[0] and states.shape[2] == total:
+                hidden = states  # one group holding the whole batch, in order
+            else:
+                hidden[idx, :, : states.shape[2]] = states
+        for b, n in enumerate(frames.tolist()):
+            if n < total:
+                hidden[b, :, n:] = 0.0  # padded frames
         return UpstreamOutput(hidden=hidden, lengths=frames)
 
 
 @contextmanager
-def _quiet_transformers():
+def _quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()

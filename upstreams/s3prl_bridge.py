@@ -20,7 +20,7 @@ INSTALL_HINT = ("pip install 'speechbench[s3prl]' (s3prl needs a torch/torchaudi
                 "torchaudio <= 2.8, with its matching torch)")
 
 
-def import_s3prl_upstream():
+def import_s3prl_upstream() -> type[nn.Module]:
     try:
         from s3prl.nn import S3PRLUpstream
     except Exception as e:  # ImportError, or torchaudio failing to load against this torch

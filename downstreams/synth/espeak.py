@@ -140,8 +140,10 @@ class Espeak:
         """
         lib = self._check_open()
         self.set_voice(voice)
+        # volume 60, not the default 100: at 100 some variants saturate int16 (hard clipping); the level is
+        # normalised afterwards anyway
         for param, value in ((_PARAM_RATE, rate), (_PARAM_PITCH, pitch), (_PARAM_RANGE, pitch_range),
-                             (_PARAM_VOLUME, 100), (_PARAM_WORDGAP, word_gap)):
+                             (_PARAM_VOLUME, 60), (_PARAM_WORDGAP, word_gap)):
             lib.espeak_SetParameter(param, int(value), 0)
         # espeak draws breath/frication noise from its own generator and (in some paths) from libc rand()
         lib.espeak_ng_SetRandSeed(int(noise_seed))
