@@ -30,6 +30,7 @@ class DataConfig:
     profile: str = "small"  # synthetic corpus profile: tiny | small
     synth_seed: int = 0  # seed of the synthetic corpus generator
     root: str | None = None  # real corpus location (the task says which layout it expects)
+    max_per_split: int | None = None  # quick runs: a seeded random subset of at most this many utterances per split
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class RunConfig:
 
 
 CACHE_MODES = ("auto", "pooled", "frames", "off")
+_NULLS = ("null", "none", "~", "")
 
 
 def _type_name(tp: Any) -> str:
@@ -84,7 +86,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in _NULLS)):
             return None
         errors = []
         for arg in args:
@@ -133,7 +135,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        hint = " (YAML reads unquoted on/off/yes/no as booleans: quote the value)" if isinstance(value, bool) else ""
+        raise ConfigError(f"{where}: expected a string, got {value!r}{hint}")
     raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
 
 
@@ -161,19 +164,19 @@ def from_dict(cls: type, data: dict | None, where: str) -> Any:
     return cls(**kwargs)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"optim.lr=1e-3"`` -> (["optim", "lr"], "1e-3" parsed as a YAML scalar)."""
+def parse_override(text: str) -> tuple[list[str], str]:
+    """``"optim.lr=1e-3"`` -> (["optim", "lr"], "1e-3").
+
+    The value stays text; the schema's field type converts it, so ``cache=off`` is the string "off" and
+    ``optim.lr=1e-3`` the number 0.001 (YAML 1.1 would read them as a boolean and a string).
+    """
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key.sub=value")
-    key, raw = text.split("=", 1)
+    key, value = text.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"override {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
+    return parts, value.strip()
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -178,6 +179,20 @@ class FeatureSet:
                      time.perf_counter() - t0)
 
 
+def subsample(prepared: PreparedData, max_per_split: int | None) -> PreparedData:
+    """Keep a seeded random subset of at most ``max_per_split`` utterances per split (manifest order kept)."""
+    if not max_per_split:
+        return prepared
+    splits = {}
+    for split, utts in prepared.splits.items():
+        if len(utts) <= max_per_split:
+            splits[split] = utts
+            continue
+        keep = sorted(np.random.default_rng(0).choice(len(utts), max_per_split, replace=False).tolist())
+        splits[split] = [utts[i] for i in keep]
+    return dataclasses.replace(prepared, splits=splits)
+
+
 def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepared: PreparedData,
                     features: FeatureSet, run_dir: Path, fold: int | None) -> dict:
     """Train one head, pick the best dev checkpoint, score it on test, write result.json."""
@@ -189,7 +204,7 @@ def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepa
     state = train(model, task, cfg, features.sources["train"], task.targets(train_utts, prepared),
                   [min(u.duration_s, features.crop_s or u.duration_s) for u in train_utts], features.sources["dev"],
                   task.references(dev_utts, prepared),
-                  run_dir / "checkpoints", frame_batches=not features.pooled)
+                  run_dir / "checkpoints", frame_batches=task.granularity == "frames")
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True))
     scores, predictions = evaluate(model, task, features.sources["test"], task.references(test_utts, prepared),
                                    cfg.train.eval_batch_size, cfg.train.max_batch_s)
@@ -249,7 +264,7 @@ def run(req: RunRequest) -> list[dict]:
     for fold in folds:
         fold_cfg = base_cfg if fold is None else dataclasses.replace(
             base_cfg, task_options=dataclasses.replace(base_cfg.task_options, fold=fold))
-        prepared = task.prepare(fold_cfg.data, fold_cfg.task_options)
+        prepared = subsample(task.prepare(fold_cfg.data, fold_cfg.task_options), fold_cfg.data.max_per_split)
         log.info("data: %s", ", ".join(f"{s} {len(u)}" for s, u in prepared.splits.items()))
         features = None
         for seed in seeds:

@@ -40,10 +40,11 @@ def test_unknown_key_lists_valid_ones():
 def test_overrides_are_typed():
     raw = load_raw_recipe(find_recipe("synth/ks"))
     raw = apply_overrides(raw, ["optim.lr=1e-2", "train.max_steps=10", "task_options.projector_dim=64",
-                                "featurizer.layer_norm=true"])
+                                "featurizer.layer_norm=true", "cache=off", "featurizer.layer=null"])
     cfg = build_run_config(raw, KSOptions, "x")
     assert cfg.optim.lr == 0.01 and isinstance(cfg.optim.lr, float)  # "1e-2" is a string to YAML 1.1
     assert cfg.train.max_steps == 10 and cfg.task_options.projector_dim == 64 and cfg.featurizer.layer_norm is True
+    assert cfg.cache == "off" and cfg.featurizer.layer is None
     with pytest.raises(ConfigError, match="train.max_steps: expected an integer"):
         build_run_config(apply_overrides(raw, ["train.max_steps=many"]), KSOptions, "x")
     with pytest.raises(ConfigError, match="expected key.sub=value"):
