@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = data_sub.add_parser("synth", help="generate the synthetic speech corpus (all seven tasks)",
                             description="Synthesise the bundled corpus with espeak-ng: 16 kHz wav files and JSONL "
                                         "manifests for KS, IC, ER, SID, ASV, ASR and PR. Deterministic in --seed.")
-    s.add_argument("--profile", default="small", help="tiny (tests, seconds) or small (default runs)")
+    s.add_argument("--profile", default="small", choices=("tiny", "small", "medium"),
+                   help="tiny (tests, seconds), small (default runs, ~1 min) or medium (~4x small)")
     s.add_argument("--out", required=True, help="output directory (must not hold anything else)")
     s.add_argument("--seed", type=int, default=0)
     return parser

@@ -263,6 +263,11 @@ class TDNN(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, context: int, dilation: int, batch_norm: bool = False):
         super().__init__()
         self.conv = nn.Conv1d(in_dim, out_dim, context, dilation=dilation)
+        # He initialisation for the ReLU stack: with PyTorch's default the signal shrinks ~3x per layer, and after
+        # five layers the pooled statistics are smaller than the biases, so every utterance starts out with nearly
+        # the same embedding and a short (CPU-sized) training barely moves away from that collapse
+        nn.init.kaiming_normal_(self.conv.weight, nonlinearity="relu")
+        nn.init.zeros_(self.conv.bias)
         self.bn = nn.BatchNorm1d(out_dim) if batch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,6 +295,9 @@ class XVectorHead(nn.Module):
                                   TDNN(w, w, 1, 1, bn), TDNN(w, options.agg_dim, 1, 1, bn))
         self.segment6 = nn.Linear(2 * options.agg_dim, options.embedding_dim)
         self.segment7 = nn.Linear(options.embedding_dim, options.embedding_dim)
+        for layer in (self.segment6, self.segment7):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
         self.centres = nn.Parameter(torch.empty(num_speakers, options.embedding_dim))
         nn.init.xavier_normal_(self.centres)
         self.scale, self.margin = options.am_scale, options.am_margin
