@@ -121,13 +121,18 @@ def _setup_logging(verbose: bool) -> None:
     logger.propagate = False
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _set_threads() -> None:
+    """Torch intra-op threads: $SPEECHBENCH_THREADS, else one per core."""
     import torch
 
+    torch.set_num_threads(int(os.environ.get("SPEECHBENCH_THREADS", os.cpu_count() or 1)))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.run import RunRequest, run
     from downstreams.tasks import list_tasks
 
-    torch.set_num_threads(int(os.environ.get("SPEECHBENCH_THREADS", os.cpu_count() or 1)))
+    _set_threads()
 
     tasks = [t.name for t in list_tasks()] if args.task == "all" else [args.task]
     for task in tasks:
@@ -181,12 +186,10 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    import torch
-
     from benchmark.extract import extract_features, load_inputs
     from upstreams.registry import build_upstream
 
-    torch.set_num_threads(int(os.environ.get("SPEECHBENCH_THREADS", os.cpu_count() or 1)))
+    _set_threads()
     utts, root = load_inputs(args.data, args.audio_root)
     upstream = build_upstream(args.upstream, ckpt=args.ckpt, trust_checkpoint=args.trust_checkpoint)
     summary = extract_features(upstream, utts, root, args.out, dtype=args.dtype, max_batch_s=args.max_batch_s)
@@ -196,11 +199,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_check_upstream(args: argparse.Namespace) -> int:
-    import torch
-
     from benchmark.check_upstream import run_check
 
-    torch.set_num_threads(int(os.environ.get("SPEECHBENCH_THREADS", os.cpu_count() or 1)))
+    _set_threads()
     ok = run_check(args.upstream, ckpt=args.ckpt, trust_checkpoint=args.trust_checkpoint, long_seconds=args.seconds)
     return 0 if ok else 1
 
