@@ -110,14 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at emit time (it may be replaced after set-up, e.g. under pytest)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always follows sys.stdout
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     logger = logging.getLogger("speechbench")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
-        logger.removeHandler(handler)  # a previous main() in this process may hold a stale stdout
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
     logger.propagate = False
 
 

@@ -1,7 +1,7 @@
 """Signal processing that turns espeak's clean output into less trivially synthetic audio.
 
-Order per utterance (``tasks.py`` drives it): vocal-tract warp + resample to 16 kHz, trim, spectral tilt,
-optional reverb, active-speech level normalisation, random gain, coloured noise at a random SNR, peak guard.
+Order per utterance (``render.py`` drives it): vocal-tract warp + resample to 16 kHz, trim, spectral tilt,
+breath noise (ER), optional reverb, active-speech level normalisation, random gain, coloured noise at a random SNR, peak guard.
 Every function takes its randomness from the caller's ``numpy.random.Generator``.
 """
 
@@ -68,6 +68,18 @@ def tilt(x: np.ndarray, gain: float) -> np.ndarray:
     a = np.exp(-2 * np.pi * 1000.0 / SAMPLE_RATE)
     low = lfilter([1 - a], [1, -a], x)
     return (x + gain * (x - low)).astype(np.float32)
+
+
+def breath(x: np.ndarray, level_db: float, rng: np.random.Generator) -> np.ndarray:
+    """Breathy voice: add aspiration noise (white noise above ~1.5 kHz, following the speech's own 10 ms envelope)
+    at ``level_db`` relative to the speech."""
+    a = np.exp(-1.0 / (0.010 * SAMPLE_RATE))
+    envelope = lfilter([1 - a], [1, -a], np.abs(x.astype(np.float64)))
+    noise = rng.standard_normal(len(x))
+    b = np.exp(-2 * np.pi * 1500.0 / SAMPLE_RATE)
+    aspiration = (noise - lfilter([1 - b], [1, -b], noise)) * envelope
+    scale = np.sqrt(np.mean(x.astype(np.float64) ** 2) / (np.mean(aspiration ** 2) + 1e-20)) * db_to_amp(level_db)
+    return (x + scale * aspiration).astype(np.float32)
 
 
 def reverb(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:

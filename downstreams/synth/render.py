@@ -49,13 +49,13 @@ def render(tts: Espeak, job: Job, seed: int) -> tuple[np.ndarray, str, dict]:
         return aug.coloured_noise(n, rng) * aug.db_to_amp(level_db - snr_db), "", {}
 
     s = job.speaker
-    d_pitch, d_range, rate_factor, d_tilt = job.prosody
+    p = job.prosody
     # per-utterance jitter on top of the speaker's baseline (and the emotion's offsets)
-    pitch = float(np.clip(s.pitch + d_pitch + rng.uniform(-4, 4), 0, 100))
-    pitch_range = float(np.clip(s.pitch_range + d_range + rng.uniform(-6, 6), 0, 100))
-    rate = float(np.clip(s.rate * rate_factor * rng.uniform(0.95, 1.05), 80, 400))
+    pitch = float(np.clip(s.pitch + p.pitch + rng.uniform(-4, 4), 0, 100))
+    pitch_range = float(np.clip(s.pitch_range + p.range + rng.uniform(-6, 6), 0, 100))
+    rate = float(np.clip(s.rate * p.rate * rng.uniform(0.95, 1.05), 80, 400))
     warp = s.warp * rng.uniform(0.985, 1.015)
-    tilt_gain = d_tilt + rng.uniform(-0.2, 0.2)
+    tilt_gain = aug.db_to_amp(p.tilt_db) - 1.0 + rng.uniform(-0.2, 0.2)  # +-0.2: about +-1.7 dB
     noise_seed = int(rng.integers(1, 2**31 - 1))
     pcm = tts.synth(job.text, s.voice, rate=round(rate), pitch=round(pitch), pitch_range=round(pitch_range),
                     word_gap=s.word_gap, noise_seed=noise_seed)
@@ -66,6 +66,8 @@ def render(tts: Espeak, job: Job, seed: int) -> tuple[np.ndarray, str, dict]:
 
     x = aug.trim(x, rng, (0.0, 0.03) if job.clip_s else (0.1, 0.35))
     x = aug.tilt(x, tilt_gain)
+    if p.breath_db is not None:
+        x = aug.breath(x, p.breath_db + rng.uniform(-3, 3), rng)
     if job.clip_s:
         x = _place(x, int(round(job.clip_s * SAMPLE_RATE)), rng)
     if rng.random() < REVERB_P:
