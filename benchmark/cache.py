@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from benchmark.features import run_upstream
-from downstreams.data import Utterance, atomic_write_text, bucket_by_duration
+from downstreams.data import Utterance, atomic_path, atomic_write_text, bucket_by_duration
 from downstreams.heads import masked_mean
 from upstreams.base import Upstream
 
@@ -89,19 +88,12 @@ def _shard_valid(shard: Path) -> bool:
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], shard: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=shard.parent, prefix=f".{shard.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """Write the shard atomically, then its sidecar (size + sha256): a shard without a matching sidecar is
+    never read."""
+    with atomic_path(shard) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        meta = {"size": os.path.getsize(tmp), "sha256": _sha256_file(Path(tmp))}
-        os.replace(tmp, shard)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    atomic_write_text(shard.with_suffix(".json"), json.dumps(meta))
+    atomic_write_text(shard.with_suffix(".json"), json.dumps({"size": shard.stat().st_size,
+                                                              "sha256": _sha256_file(shard)}))
 
 
 def _extract_shard(upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None, granularity: str,

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import string
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,7 @@ from tqdm import tqdm
 from downstreams.data import (
     DataError,
     Utterance,
+    atomic_path,
     atomic_write_text,
     bucket_by_duration,
     collate_audio,
@@ -138,16 +138,9 @@ def _claim_output(out_dir: Path, description: dict) -> None:
 
 
 def _save(path: Path, hidden: torch.Tensor, num_frames: int, metadata: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({"hidden_states": hidden, "num_frames": torch.tensor([num_frames], dtype=torch.long)}, tmp,
                   metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass

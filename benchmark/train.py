@@ -7,8 +7,6 @@ run resumed from its last checkpoint takes exactly the steps an uninterrupted ru
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from benchmark.config import RunConfig
-from downstreams.data import bucket_by_duration
+from downstreams.data import atomic_path, bucket_by_duration
 from downstreams.featurizer import WeightedLayerSum
 from downstreams.tasks import Task
 
@@ -83,17 +81,8 @@ def take(targets: Any, indices: Sequence[int]) -> Any:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def build_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
