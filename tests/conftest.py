@@ -24,3 +24,14 @@ def synth_tiny(session_cache):
     from downstreams.synth.corpus import ensure_corpus
 
     return ensure_corpus("tiny", seed=0, progress=False)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one thread is fastest, and avoids spin-waiting on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -27,15 +27,7 @@ LIBRI = (
 SMALL_ASR = ("train.max_steps=4", "train.eval_every=2", "train.batch_size=4", "task_options.project_dim=16",
              "task_options.hidden_size=8", "task_options.spec_freq_width=8", "task_options.spec_time_width=5")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny heads are dominated by per-op overhead: one intra-op thread is faster (much faster on a busy
-    machine, where a second OpenMP thread spin-waits for a core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny recurrent/conv heads: one thread is fastest
 
 
 def make_librispeech(base: Path) -> Path:

@@ -32,15 +32,7 @@ SMALL_ASV = ("train.max_steps=4", "train.eval_every=2", "train.batch_size=4", "t
              "task_options.agg_dim=24", "task_options.embedding_dim=8", "task_options.dev_speakers=2",
              "task_options.dev_utterances_per_speaker=3", "task_options.dev_trials=12")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny heads are dominated by per-op overhead: one intra-op thread is faster (much faster on a busy
-    machine, where a second OpenMP thread spin-waits for a core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny recurrent/conv heads: one thread is fastest
 
 
 def make_voxceleb1(base: Path) -> Path:

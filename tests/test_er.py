@@ -4,10 +4,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
-import torch
+from helpers import write_noise_wav
 
 from benchmark.cli import fold_means, main
 from benchmark.run import RunRequest, run
@@ -20,19 +18,7 @@ TURNS = [("F000", "neu"), ("M000", "exc"), ("F001", "ang"), ("M001", "sad"), ("F
          ("F003", "xxx"), ("M003", "sur")]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one thread is fastest, and avoids spin-waiting on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _wav(path: Path, seconds: float, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    sf.write(path, (0.05 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _evaluation_block(start: float, name: str, code: str) -> str:
@@ -52,7 +38,8 @@ def make_iemocap(base: Path) -> Path:
             for t, (suffix, code) in enumerate(TURNS):
                 name = f"{dialog}_{suffix}"
                 text += _evaluation_block(6.29 + 3 * t, name, code)
-                _wav(session / "sentences" / "wav" / dialog / f"{name}.wav", 0.5 + 0.05 * t, seed=100 * k + t)
+                write_noise_wav(session / "sentences" / "wav" / dialog / f"{name}.wav", 0.5 + 0.05 * t,
+                                seed=100 * k + t, gain=0.05)
             eval_dir = session / "dialog" / "EmoEvaluation"
             eval_dir.mkdir(parents=True, exist_ok=True)
             (eval_dir / f"{dialog}.txt").write_text(text)

@@ -4,10 +4,9 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
+from helpers import write_noise_wav
 
 from benchmark.run import RunRequest, run
 from downstreams import ic
@@ -20,19 +19,7 @@ TRAIN_INTENTS = [("activate", "lights", "kitchen"), ("deactivate", "lights", "no
 TEST_INTENTS = [("activate", "lights", "kitchen"), ("bring", "juice", "none")]  # "juice" unseen in training
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one thread is fastest, and avoids spin-waiting on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _wav(path: Path, seconds: float, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    sf.write(path, (0.05 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_fsc(base: Path) -> Path:
@@ -48,7 +35,7 @@ def make_fsc(base: Path) -> Path:
             for i, (action, obj, loc) in enumerate(intents):
                 spk = f"spk{(i % 2) + (4 if name == 'test' else 0)}"
                 rel = f"wavs/speakers/{spk}/{name}-{i:03d}.wav"
-                _wav(root / rel, 0.5 + 0.1 * (i % 3), seed=k)
+                write_noise_wav(root / rel, 0.5 + 0.1 * (i % 3), seed=k, gain=0.05)
                 writer.writerow([i, rel, spk, f"{action} the {obj}", action, obj, loc])
                 k += 1
     return root

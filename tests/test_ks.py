@@ -1,20 +1,13 @@
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
+from helpers import write_noise_wav
 
 from downstreams.data import DataError
 from downstreams.ks import CLASSES, WORDS, prepare_real
 
 EXTRA_WORDS = ("bed", "cat")
-
-
-def _wav(path: Path, seconds: float = 1.0, seed: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    sf.write(path, (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
 
 
 def make_speech_commands(base: Path) -> tuple[Path, Path]:
@@ -24,13 +17,13 @@ def make_speech_commands(base: Path) -> tuple[Path, Path]:
     for w, word in enumerate(WORDS + EXTRA_WORDS):
         for s in range(4):
             rel = f"{word}/spk{s:02d}ab_nohash_0.wav"
-            _wav(root / rel, seed=w * 10 + s)
+            write_noise_wav(root / rel, seed=w * 10 + s, gain=0.1)
             (val if s == 2 else test if s == 3 else []).append(rel)
-    _wav(root / "_background_noise_" / "white_noise.wav", seconds=12.5)
+    write_noise_wav(root / "_background_noise_" / "white_noise.wav", seconds=12.5, gain=0.1)
     (root / "validation_list.txt").write_text("\n".join(val) + "\n")
     (root / "testing_list.txt").write_text("\n".join(test) + "\n")
     for c, label in enumerate(CLASSES):
-        _wav(test_root / label / f"t{c}_nohash_0.wav", seed=100 + c)
+        write_noise_wav(test_root / label / f"t{c}_nohash_0.wav", seed=100 + c, gain=0.1)
     return root, test_root
 
 

@@ -15,15 +15,7 @@ from downstreams.text import CMU_PHONES, Vocabulary
 
 SMALL_PR = ("train.max_steps=4", "train.eval_every=2", "train.batch_size=4", "task_options.project_dim=16")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny heads are dominated by per-op overhead: one intra-op thread is faster (much faster on a busy
-    machine, where a second OpenMP thread spin-waits for a core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny recurrent/conv heads: one thread is fastest
 
 
 def _data(root=None):

@@ -4,10 +4,8 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
-import torch
+from helpers import write_noise_wav
 
 from benchmark.run import RunRequest, run
 from downstreams import sid
@@ -16,19 +14,7 @@ from downstreams.data import DataError
 SPEAKERS = ("id10001", "id10002", "id10003")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one thread is fastest, and avoids spin-waiting on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _wav(path: Path, seconds: float, seed: int, gain: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    sf.write(path, (gain * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_voxceleb1(base: Path, seconds: float = 1.0) -> Path:
@@ -39,11 +25,11 @@ def make_voxceleb1(base: Path, seconds: float = 1.0) -> Path:
         for v, video in enumerate(("1zcIwhmdeo4", "7w0IBEWc9Qw")):
             for u in range(3):
                 rel = f"{spk}/{video}/{u + 1:05d}.wav"
-                _wav(root / "wav" / rel, seconds + 0.25 * u, seed=100 * s + 10 * v + u, gain=0.02 * (s + 1))
+                write_noise_wav(root / "wav" / rel, seconds + 0.25 * u, seed=100 * s + 10 * v + u, gain=0.02 * (s + 1))
                 code = 1 if v == 0 else 2 if u == 0 else 3
                 lines.append(f"{code} {rel}")
     # a test utterance of a speaker never seen in training
-    _wav(root / "wav" / "id10009/abcdefghijk/00001.wav", seconds, seed=999, gain=0.05)
+    write_noise_wav(root / "wav" / "id10009/abcdefghijk/00001.wav", seconds, seed=999, gain=0.05)
     lines.append("3 id10009/abcdefghijk/00001.wav")
     (root / "iden_split.txt").write_text("\n".join(lines) + "\n")
     return root
@@ -89,7 +75,7 @@ def test_wrong_layouts_give_one_line_errors(tmp_path):
         sid.prepare_real(root)
     assert "\n" not in str(err.value)
     (root / "audio").rename(root / "wav")
-    _wav(root / "wav" / "id10002" / "7w0IBEWc9Qw" / "00003.wav", 1.0, seed=0, gain=0.01)
+    write_noise_wav(root / "wav" / "id10002" / "7w0IBEWc9Qw" / "00003.wav", 1.0, seed=0, gain=0.01)
     shutil.rmtree(root / "wav" / "id10003")
     with pytest.raises(DataError, match=r"wav/id10003: expected the speaker folder listed in iden_split.txt "
                                         r"\(6 of 19 listed files missing\) .* found in .*wav: id10001, id10002, "
