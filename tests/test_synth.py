@@ -188,6 +188,31 @@ def test_loudness_does_not_reveal_emotion(tmp_path):
     assert clf.score(feats[test], labels[test]) < 0.40
 
 
+def _band_ratio_db(x: np.ndarray) -> float:
+    """Energy at 1-4 kHz relative to 0.1-1 kHz, in dB: the spectral balance that vocal effort moves."""
+    from scipy.signal import welch
+
+    f, p = welch(x, 16000, nperseg=512)
+    return float(10 * np.log10(p[(f >= 1000) & (f < 4000)].sum() / p[(f >= 100) & (f < 1000)].sum()))
+
+
+def test_emotions_change_voice_quality_relative_to_the_speaker(tiny):
+    from downstreams.synth.tasks import plan_er
+
+    # the offsets ride on each speaker's own baseline: neutral itself differs between speakers
+    neutral = {j.speaker.id: j.prosody for j in plan_er(PROFILES["tiny"], 0).jobs if j.labels["emotion"] == "neu"}
+    assert len({p.tilt_db for p in neutral.values()}) == len(neutral) > 1
+    assert len({p.breath_db for p in neutral.values()}) == len(neutral)
+    # in the audio, for the same speaker and sentence: angry brighter than neutral, neutral brighter than sad
+    ratio = {}
+    for u in _rows(tiny, "er")["utterances"]:
+        x, _ = sf.read(str(tiny / u.path))
+        ratio[(u.speaker, u.labels["text"], u.labels["emotion"])] = _band_ratio_db(x)
+    pairs = {(s, t) for s, t, _ in ratio}
+    assert np.mean([ratio[(s, t, "ang")] > ratio[(s, t, "neu")] for s, t in pairs]) >= 0.9
+    assert np.mean([ratio[(s, t, "neu")] > ratio[(s, t, "sad")] for s, t in pairs]) >= 0.7
+
+
 def test_ensure_corpus_reuses_and_repairs(tiny, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     target = cache / f"tiny-seed0-v{CORPUS_VERSION}"

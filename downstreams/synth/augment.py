@@ -1,7 +1,8 @@
 """Signal processing that turns espeak's clean output into less trivially synthetic audio.
 
-Order per utterance (``render.py`` drives it): vocal-tract warp + resample to 16 kHz, trim, spectral tilt,
-breath noise (ER), optional reverb, active-speech level normalisation, random gain, coloured noise at a random SNR, peak guard.
+Order per utterance (``render.py`` drives it): vocal-tract warp + resample to 16 kHz, trim, spectral tilt, breath
+noise (ER only), optional reverb, active-speech level normalisation, random gain, coloured noise at a random SNR,
+peak guard.
 Every function takes its randomness from the caller's ``numpy.random.Generator``.
 """
 

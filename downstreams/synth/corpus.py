@@ -42,7 +42,7 @@ from downstreams.synth.voices import check_variants
 log = logging.getLogger("speechbench.synth")
 
 CORPUS_NAME = "speechbench-synth"
-CORPUS_VERSION = 2  # bump whenever the generated audio or manifests change
+CORPUS_VERSION = 3  # bump whenever the generated audio or manifests change
 _CHUNK = 24  # jobs per espeak session: amortises the ~3 ms library reload, keeps work units small
 _IN_PROCESS_MAX_JOBS = 600  # below this, spawning workers costs more than it saves
 

@@ -30,20 +30,21 @@ class Prosody(NamedTuple):
     breath_db: float | None = None  # aspiration noise relative to the speech, dB (None: none added)
 
 
-# Emotion = change RELATIVE to the speaker's baseline. Pitch, range and rate alone are nearly invisible to a
-# time-averaged spectrum of an unseen speaker (fbank_no_cmvn scored ~27 %, chance 25 %), so the emotions also
-# change voice quality as real emotional speech does: vocal effort tilts the spectrum (angry: pressed, more
-# high-frequency energy; happy: a little brighter; sad: lax, darker) and sad speech is breathier, angry less so.
-# Both are offsets from the speaker's own random tilt and breathiness (``plan_er``), jittered per utterance, so
-# they overlap across speakers. Loudness is deliberately not part of it (levels are normalised away in rendering).
+# Emotion = change RELATIVE to the speaker's baseline. Pitch, range and rate alone were nearly invisible to a
+# time-averaged spectrum of an unseen speaker (fbank_no_cmvn: ~27 % ER accuracy, chance 25 %), so the emotions also
+# change voice quality, as real emotional speech does: vocal effort tilts the spectrum (angry: pressed, much more
+# energy above ~1 kHz and less breath; happy: a little brighter) and sad is lax (darker) and breathy. The tilt and
+# breath offsets are large because background noise and the time average hide much of them; they add to the
+# speaker's own random tilt and breathiness (``plan_er``) and are jittered per utterance, so emotions overlap across
+# speakers. Loudness is deliberately not part of it (levels are normalised away in rendering).
 EMOTION_PROSODY = {
     "neu": Prosody(0.0, 0.0, 1.00, 0.0, 0.0),
-    "hap": Prosody(10.0, 20.0, 1.08, 3.0, 0.0),
-    "ang": Prosody(4.0, 12.0, 1.14, 7.0, -6.0),
-    "sad": Prosody(-9.0, -18.0, 0.84, -5.0, 10.0),
+    "hap": Prosody(10.0, 20.0, 1.08, 5.0, 0.0),
+    "ang": Prosody(4.0, 12.0, 1.14, 14.0, -6.0),
+    "sad": Prosody(-9.0, -18.0, 0.84, -12.0, 12.0),
 }
-SPEAKER_TILT_DB = (-3.0, 3.0)  # a speaker's baseline spectral tilt (ER)
-SPEAKER_BREATH_DB = (-32.0, -22.0)  # a speaker's baseline breathiness (ER)
+SPEAKER_TILT_DB = (-3.0, 3.0)  # range of a speaker's baseline spectral tilt (ER)
+SPEAKER_BREATH_DB = (-34.0, -24.0)  # range of a speaker's baseline breathiness (ER)
 
 
 @dataclass(frozen=True)
