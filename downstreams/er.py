@@ -13,8 +13,8 @@ each fold writes its own result row and the ER number is the mean of the five te
 
 Head (SUPERB): Linear(D, 256) -> masked mean over time -> Linear(256, 4).
 
-Synthetic corpus: ``er/utterances.jsonl`` of the generated corpus (four prosody profiles relative to each
-speaker's baseline, rows with ``emotion`` and ``fold`` 1..5 in speaker-disjoint folds); fold k tests on the rows of
+Synthetic corpus: ``er/utterances.jsonl`` of the generated corpus (emotions as prosody and voice quality relative to
+each speaker; rows with ``emotion`` and ``fold`` 1..5 in speaker-disjoint folds); fold k tests on the rows of
 fold k, dev is the same seeded fraction of the other folds.
 """
 

@@ -175,6 +175,7 @@ def plan_ic(p: Profile, seed: int) -> Plan:
 
 def plan_er(p: Profile, seed: int) -> Plan:
     rng, ids = _rng(seed, "er", 0), _Ids("er")
+    voice_rng = _rng(seed, "er", 1)  # a stream of its own: speakers and sentences as in corpus version 2
     per_fold, n_sent = p.er
     speakers = sample_speakers(rng, "er-s", 5 * per_fold)
     jobs = []
@@ -183,7 +184,8 @@ def plan_er(p: Profile, seed: int) -> Plan:
         for s in speakers[(fold - 1) * per_fold: fold * per_fold]:
             # the same sentences in every emotion, so the words carry no emotion information
             sentences = rng.choice(len(lexicon.ER_SENTENCES), n_sent, replace=n_sent > len(lexicon.ER_SENTENCES))
-            tilt, breath = rng.uniform(*SPEAKER_TILT_DB), rng.uniform(*SPEAKER_BREATH_DB)  # this speaker's baseline
+            # this speaker's own voice quality: the emotions' tilt and breath offsets are relative to it
+            tilt, breath = voice_rng.uniform(*SPEAKER_TILT_DB), voice_rng.uniform(*SPEAKER_BREATH_DB)
             for j in sentences:
                 text = lexicon.ER_SENTENCES[int(j)]
                 for emotion in EMOTIONS:
