@@ -1,7 +1,6 @@
 """``bench extract``: one safetensors file per utterance, resumable, file-safe ids, manifests and directories."""
 
 import json
-import logging
 
 import pytest
 import torch
@@ -12,15 +11,6 @@ from benchmark.extract import extract_features, load_features, load_inputs, safe
 from downstreams.data import DataError, Utterance, load_audio, write_manifest
 from upstreams.apc import APCUpstream
 from upstreams.registry import build_upstream
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_logging():
-    logger = logging.getLogger("speechbench")
-    saved = list(logger.handlers)
-    logger.handlers.clear()
-    yield
-    logger.handlers[:] = saved
 
 
 def _corpus(root):

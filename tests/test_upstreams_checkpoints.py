@@ -2,7 +2,6 @@
 
 import datetime
 import importlib.util
-import logging
 import os
 
 import pytest
@@ -23,16 +22,6 @@ class Exploit:
 
     def __reduce__(self):
         return os.system, (f"touch {self.target}",)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_logging():
-    """``bench`` logs to the stdout it saw first; give each test's captured stdout its own handler."""
-    logger = logging.getLogger("speechbench")
-    saved = list(logger.handlers)
-    logger.handlers.clear()
-    yield
-    logger.handlers[:] = saved
 
 
 def _one_line(message: str) -> str:

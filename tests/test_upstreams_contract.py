@@ -1,7 +1,6 @@
 """The contract check (``bench check-upstream``) on every kind of upstream, and every upstream in ``bench run``."""
 
 import json
-import logging
 
 import pytest
 import torch
@@ -15,15 +14,6 @@ from upstreams.cpc import cpc_s3prl_checkpoint
 from upstreams.registry import build_upstream
 
 SHORT = "3"  # seconds of the long-input check in the CLI runs below (30 s is exercised in test_check_passes...)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_logging():
-    logger = logging.getLogger("speechbench")
-    saved = list(logger.handlers)
-    logger.handlers.clear()
-    yield
-    logger.handlers[:] = saved
 
 
 @pytest.fixture(scope="module")
