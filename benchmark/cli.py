@@ -16,6 +16,16 @@ EPILOG_RUN = """examples:
 """
 
 
+EPILOG_PRETRAIN = """examples:
+  bench pretrain --model apc --out ckpts/apc                        # recipe pretrain/apc on the synthetic corpus
+  bench pretrain --model cpc --data /data/wavs --out ckpts/cpc       # your own audio (directory or manifest)
+  bench pretrain --model hubert --out ckpts/hubert1
+  bench pretrain --model hubert --iteration 2 --from ckpts/hubert1/upstream --out ckpts/hubert2
+  bench pretrain --model wav2vec2 --out ckpts/w2v train.max_steps=200 optim.lr=1e-3   # recipe overrides
+  bench run --upstream ckpts/apc/upstream --task ks                  # evaluate the result
+"""
+
+
 def _float_list(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
@@ -94,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", help="local checkpoint replacing the published one of a family/card upstream")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need full unpickling")
     p.add_argument("--seconds", type=float, default=30.0, help="length of the long-input check (default 30)")
+
+    p = sub.add_parser("pretrain", help="pretrain APC, CPC, wav2vec 2.0 or HuBERT with its native objective",
+                       description="Train a model with its native self-supervised objective on unlabelled audio, "
+                                   "resumably; OUT/upstream is loadable by 'bench run --upstream OUT/upstream'.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_PRETRAIN)
+    p.add_argument("--model", required=True, choices=("apc", "cpc", "wav2vec2", "hubert"), help="model family")
+    p.add_argument("--data", help="'synth' (the synthetic corpus), a directory of .wav/.flac files (recursive) or a "
+                                  "JSONL manifest (default: the recipe's data.source, synth)")
+    p.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
+    p.add_argument("--recipe", help="recipe name or YAML path (default: pretrain/<model>, "
+                                    "pretrain/hubert_iter2 with --iteration 2)")
+    p.add_argument("--iteration", type=int, choices=(1, 2), help="HuBERT iteration: 2 clusters a hidden layer of "
+                                                                 "the iteration-1 model given by --from")
+    p.add_argument("--from", dest="teacher", metavar="DIR", help="HuBERT iteration 2: the iteration-1 upstream "
+                                                                 "(OUT/upstream of the first run)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
 
     p = sub.add_parser("list", help="list upstreams, tasks or recipes")
     p.add_argument("what", choices=("upstreams", "tasks", "recipes"))
@@ -217,6 +243,23 @@ def cmd_check_upstream(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    import shlex
+
+    from benchmark.config import ConfigError
+    from benchmark.pretrain import run_pretrain
+
+    _set_threads()
+    if args.iteration == 2 and not args.teacher:
+        raise ConfigError("--iteration 2 needs --from DIR (the iteration-1 upstream, e.g. OUT/upstream)")
+    summary = run_pretrain(args.model, args.out, recipe=args.recipe, data=args.data,
+                           overrides=tuple(args.overrides), iteration=args.iteration, teacher=args.teacher,
+                           command=shlex.join(["bench", *args.argv]))
+    print(f"pretrained {args.model}: step {summary.steps}, loss {summary.final_loss:.4f}, "
+          f"{summary.audio_s_per_s:.1f} audio s per wall s -> {summary.upstream_dir}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "upstreams":
         from upstreams.registry import list_upstreams
@@ -250,13 +293,14 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
     from benchmark.config import ConfigError
     from downstreams.data import DataError
     from upstreams.checkpoints import CheckpointError
 
     handlers = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "data": cmd_data,
-                "extract": cmd_extract, "check-upstream": cmd_check_upstream}
+                "extract": cmd_extract, "check-upstream": cmd_check_upstream, "pretrain": cmd_pretrain}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, FloatingPointError) as e:

@@ -252,14 +252,16 @@ def load_fairseq(detected: DetectedCheckpoint, name: str) -> HFUpstream:
     return HFUpstream(model, name, detected.family, normalize, FAIRSEQ_NORM_EPS, detected.format, detected.sha256)
 
 
-def save_hf_checkpoint(model: nn.Module, out_dir: str | os.PathLike, normalize: bool) -> Path:
+def save_hf_checkpoint(model: nn.Module, out_dir: str | os.PathLike, normalize: bool, extra: dict | None = None
+                       ) -> Path:
     """Write our format for wav2vec2/HuBERT: an HF directory (``config.json``, ``model.safetensors``,
-    ``preprocessor_config.json``) plus ``speechbench.json`` (written last, so its presence means complete)."""
+    ``preprocessor_config.json``) plus ``speechbench.json`` (written last, so its presence means complete) holding
+    ``normalize`` and the items of ``extra``."""
     from transformers import Wav2Vec2FeatureExtractor
 
     out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     Wav2Vec2FeatureExtractor(do_normalize=normalize, return_attention_mask=model.config.feat_extract_norm == "layer",
                              sampling_rate=SAMPLE_RATE).save_pretrained(str(out_dir))
-    write_speechbench_json(out_dir, model.config.model_type, {"normalize": bool(normalize)})
+    write_speechbench_json(out_dir, model.config.model_type, {"normalize": bool(normalize), **(extra or {})})
     return out_dir

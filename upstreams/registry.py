@@ -28,7 +28,9 @@ from upstreams.checkpoints import FAMILIES, CheckpointError, DetectedCheckpoint,
 log = logging.getLogger("speechbench")
 
 CARDS_DIR = Path(__file__).resolve().parent / "cards"
-CARD_FIELDS = ("name", "family", "description", "source", "license", "sha256", "reference")
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"  # checkpoints shipped inside the package
+CARD_FIELDS = ("name", "family", "description", "source", "license", "sha256", "reference", "recipe", "command",
+               "data", "seed", "steps")
 
 
 class UnknownUpstreamError(KeyError):
@@ -43,10 +45,16 @@ class Card:
     name: str
     family: str
     description: str
-    source: str  # "hf:<org/name>" or an URL
+    source: str  # "hf:<org/name>", an URL, or "bundled:<dir>" (upstreams/bundled/<dir>, shipped with the package)
     license: str | None = None
-    sha256: str | None = None
+    sha256: str | None = None  # of the weights file (model.safetensors for bundled and HF directories)
     reference: str | None = None
+    # how a checkpoint we trained ourselves was produced (bundled cards), so anyone can rebuild it:
+    recipe: str | None = None
+    command: str | None = None
+    data: str | None = None
+    seed: str | None = None
+    steps: str | None = None
 
 
 def _read_card(path: Path) -> Card:
@@ -70,8 +78,11 @@ def load_cards() -> dict[str, Card]:
 
 
 def _card_entry(card: Card) -> UpstreamEntry:
-    summary = (f"{card.description}\n{card.family} checkpoint: {card.source} (license {card.license or 'unknown'}); "
-               f"or your own: --upstream {card.name} --ckpt PATH")
+    if card.source.startswith("bundled:"):
+        summary = f"{card.description}\n{card.family}, shipped with the package; rebuilt by: {card.command}"
+    else:
+        summary = (f"{card.description}\n{card.family} checkpoint: {card.source} (license "
+                   f"{card.license or 'unknown'}); or your own: --upstream {card.name} --ckpt PATH")
     return UpstreamEntry(card.name, functools.partial(build_upstream, card.name), summary, needs_weights=True)
 
 
@@ -118,6 +129,12 @@ def upstream_from_checkpoint(detected: DetectedCheckpoint, name: str) -> Upstrea
 def _card_source(card: Card) -> Path:
     from upstreams.fetch import hub_directory, url_file
 
+    if card.source.startswith("bundled:"):
+        path = BUNDLED_DIR / card.source[len("bundled:"):]
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: the bundled checkpoint of card {card.name} is missing from the "
+                                  f"installation; rebuild it with: {card.command or 'bench pretrain'}")
+        return path
     if card.source.startswith("hf:"):
         return hub_directory(card.source[3:], card.name, is_card=True)
     return url_file(card.source, card.name, card.sha256)
