@@ -133,7 +133,10 @@ def run_pretrain(family: str, out_dir: str, recipe: str | None = None, data: str
     source, described = audio_source(cfg.data)
     log.info("pretraining %s (recipe %s) on %s", family, name, described)
     entry = get_objective(family)
-    objective = entry.build(cfg.model, cfg.objective, cfg.train.seed)
+    try:
+        objective = entry.build(cfg.model, cfg.objective, cfg.train.seed)
+    except ValueError as e:  # option combinations the family rejects (one-line messages naming the option)
+        raise ConfigError(f"{find_recipe(name)}: {e}") from None
     trainable = sum(p.numel() for p in objective.parameters() if p.requires_grad)
     log.info("%s objective: %.2fM trainable parameters; %d steps x %d crops x %.1f s", family, trainable / 1e6,
              cfg.train.max_steps, cfg.train.batch_size, cfg.train.crop_s)
