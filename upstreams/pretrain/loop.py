@@ -18,6 +18,7 @@ uninterrupted one would have taken.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -72,6 +73,11 @@ class AudioSource:
     num_samples: Sequence[int]
     load: Callable[[str], np.ndarray]
 
+    @functools.cached_property
+    def length_order(self) -> np.ndarray:
+        """Utterance indices sorted by length (stable, so the order is reproducible)."""
+        return np.argsort(np.asarray(self.num_samples), kind="stable")
+
     @property
     def hours(self) -> float:
         return float(np.sum(self.num_samples)) / SAMPLE_RATE / 3600
@@ -89,11 +95,18 @@ class PretrainSummary:
 
 def draw_batch(source: AudioSource, rng: np.random.Generator, batch_size: int, crop_s: float,
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch_size`` random utterances, each cut at a random offset to a common length: ``wavs [B, S]``, ``[B]``.
+    """``batch_size`` utterances of similar length, each cut at a random offset to a common length.
 
-    ``S = min(crop_s * 16000, shortest chosen utterance)``, so a batch carries no padding (as fairseq crops).
+    Returns ``wavs [B, S]`` and ``wav_lengths [B]`` (all ``S``), with ``S = min(crop_s * 16000, shortest chosen
+    utterance)``: a batch carries no padding, as fairseq crops. The utterances are drawn from a window of
+    ``4 * batch_size`` neighbours in length order around a random one, so that a corpus mixing 1 s words with long
+    sentences does not cut every batch down to its shortest clip.
     """
-    index = rng.integers(0, len(source.paths), size=batch_size)
+    order = source.length_order
+    window = min(len(order), 4 * batch_size)
+    start = int(rng.integers(0, len(order) - window + 1))
+    picks = rng.choice(window, size=batch_size, replace=window < batch_size)
+    index = [int(order[start + k]) for k in picks]
     crop = min(round(crop_s * SAMPLE_RATE), min(int(source.num_samples[i]) for i in index))
     wavs = np.zeros((batch_size, crop), dtype=np.float32)
     for row, i in enumerate(index):
