@@ -74,6 +74,9 @@ def install(name: str, family: str, upstream: Path, command: str) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(upstream, target)
     _half_precision(target)
+    target.chmod(0o755)
+    for path in target.iterdir():
+        path.chmod(0o644)  # the exported files are private temporaries; package data is world-readable
     meta = json.loads((target / "speechbench.json").read_text())
     info = meta.get("pretraining", {})
     random = name.endswith("-random")

@@ -161,6 +161,48 @@ def test_objective_learns_exports_and_loads_as_an_upstream(tmp_path, family, ste
         torch.testing.assert_close(out.hidden[b, :, :n], expected[b, :, :n], atol=1e-5, rtol=1e-4)
 
 
+def time_varying_share(frames: torch.Tensor) -> float:
+    """Share of the frames' energy ``[B, T, D]`` that changes over time within each utterance."""
+    return float((frames - frames.mean(1, keepdim=True)).pow(2).sum(-1).mean() / frames.pow(2).sum(-1).mean())
+
+
+def test_cpc_starts_from_zero_predictors_and_a_bias_free_first_conv_so_frames_differ():
+    objective = build("cpc")
+    assert all(p.weight.abs().sum().item() == 0 for p in objective.predictors)
+    encoder = objective.model.gEncoder
+    assert encoder.conv0.bias.abs().sum().item() == 0 and encoder.conv1.bias.abs().sum().item() > 0
+    wavs = synthetic_speech()
+    lengths = torch.full((4,), wavs.shape[1])
+    with torch.no_grad():
+        context, encoded, _ = objective.encode(wavs, lengths)
+    # with CPCModel's default first-conv bias these shares are 0.085 and 0.048: every frame ~ the bias pattern
+    assert time_varying_share(encoded) > 0.15 and time_varying_share(context) > 0.08
+    # zero predictors score every candidate 0: the first loss is exactly chance, log(N + 1)
+    assert objective(wavs, lengths).loss.item() == pytest.approx(math.log(65), abs=1e-5)
+
+
+def test_cpc_leaves_chance_at_once_on_fresh_utterances():
+    # new utterances every step, as the loop draws them (a fixed batch can be memorised); the tiny size of
+    # tests/test_pretrain_loop.py. With the default first-conv bias the loss stays at log(17) (0.92-1.0x after 40 steps)
+    entry = OBJECTIVES["cpc"]
+    objective = entry.build(entry.model_options(hidden_encoder=32, hidden_gar=32),
+                            entry.objective_options(prediction_steps=4, num_negatives=16), 0)
+    optimizer = torch.optim.Adam(objective.parameters(), lr=2e-3)
+    torch.manual_seed(1)
+    losses, accuracies = [], []
+    for step in range(40):
+        wavs = synthetic_speech(seed=1000 + step)
+        out = objective(wavs, torch.full((4,), wavs.shape[1]))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+        accuracies.append(out.stats["accuracy"])
+    assert losses[0] == pytest.approx(math.log(17), abs=1e-5)
+    assert sum(losses[-5:]) / 5 < 0.8 * math.log(17), losses  # measured 0.63x
+    assert sum(accuracies[-5:]) / 5 > 0.2, accuracies  # chance 1/17; measured 0.32
+
+
 @pytest.mark.parametrize("family", ["apc", "cpc"])
 def test_same_seed_builds_identical_weights(family):
     a, b, c = build(family, seed=3), build(family, seed=3), build(family, seed=4)

@@ -8,6 +8,9 @@ and other times; drawn with torch's RNG, which the loop checkpoints). Scores are
 cross-entropy of picking index 0, averaged over all valid ``(b, t, k)``. The per-position negatives are shared by
 the ``K`` steps (as CPC_audio does), which keeps them one ``[B, T, N, C]`` tensor.
 
+Initialisation (see :class:`CPCObjective`): the first conv's bias starts at zero and the predictors start at zero;
+with CPCModel's default first-conv bias every initial frame is nearly the same vector and training sits at chance.
+
 The predictors are objective-only: the export holds the ``CPCModel`` weights alone (s3prl's key names).
 """
 
@@ -100,12 +103,21 @@ class CPCObjective(Objective):
         super().__init__()
         self.config, self.options = config, options
         self.model = CPCModel(config)
+        # The first conv sees the raw waveform (std ~0.01-0.05): its default bias (uniform +-1/sqrt(10)) is ~10x its
+        # response, so after ChannelNorm every frame starts as nearly the same vector (the bias pattern). Then the
+        # context barely varies either, E[(z_pos - z_neg) c^T] (all the predictors can learn) is ~0, and training
+        # sits at log(N + 1) whatever the predictor init, score scaling or negatives. With a zero bias the first
+        # ChannelNorm sees the waveform's shape alone (loudness-invariant but for its eps, like wav2vec 2.0's
+        # bias-free conv encoder). The bias stays trainable and exported: only the initial value changes.
+        nn.init.zeros_(self.model.gEncoder.conv0.bias)
         self.predictors = nn.ModuleList(nn.Linear(config.hidden_gar, config.hidden_encoder, bias=False)
                                         for _ in range(options.prediction_steps))
         for predictor in self.predictors:
-            # random predictors score the positive below chance, and the quickest way out is collapsing every
-            # encoder frame onto one vector (loss log(N + 1), then a long plateau); from zero the first gradients
-            # teach the predictors instead. No bias: a per-step constant guess cannot tell candidates apart.
+            # Zero, not nn.Linear's random init: random predictors score the positive below chance, and the quickest
+            # way out is collapsing the encoder frames onto one vector (they recover only ~10 steps later on the
+            # tiny corpus). From zero the first step teaches the predictors E[(z_pos - z_neg) c^T] and the
+            # encoder/context gradients follow from the second step. No bias: a per-step constant guess cannot
+            # tell candidates apart.
             nn.init.zeros_(predictor.weight)
 
     def encode(self, wavs: torch.Tensor, wav_lengths: torch.Tensor,
