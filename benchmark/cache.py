@@ -27,9 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from benchmark.features import run_upstream
+from benchmark.features import upstream_hidden
 from downstreams.data import Utterance, atomic_path, atomic_write_text, bucket_by_duration
-from downstreams.heads import masked_mean
 from upstreams.base import Upstream
 
 log = logging.getLogger("speechbench")
@@ -98,26 +97,27 @@ def _save_shard(tensors: dict[str, torch.Tensor], shard: Path) -> None:
 
 def _extract_shard(upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None, granularity: str,
                    max_batch_s: float) -> dict[str, torch.Tensor]:
-    """Run the upstream over one shard's utterances, in length buckets; keep manifest order in the output."""
+    """Run the upstream over one shard's utterances, in length buckets; keep manifest order in the output.
+
+    Everything stays in inference mode (the shard is written to disk, never trained through), and each
+    utterance is reduced from a view of its valid frames: no copy of the ``[B, L, T, D]`` batch is made.
+    """
     pooled: list[torch.Tensor | None] = [None] * len(utts)
     frames: list[torch.Tensor | None] = [None] * len(utts)
-    for batch in bucket_by_duration([u.duration_s for u in utts], max_batch_s):
-        hidden, lengths = run_upstream(upstream, [utts[i] for i in batch], audio_root)
-        b, num_layers, t, d = hidden.shape
+    with torch.inference_mode():
+        for batch in bucket_by_duration([u.duration_s for u in utts], max_batch_s):
+            hidden, lengths = upstream_hidden(upstream, [utts[i] for i in batch], audio_root)
+            for j, (i, n) in enumerate(zip(batch, lengths.tolist(), strict=True)):
+                if granularity == "pooled":
+                    pooled[i] = hidden[j, :, :n].float().mean(dim=1)  # [L, D]: time-mean of the valid frames
+                else:
+                    frames[i] = hidden[j, :, :n].permute(1, 0, 2).to(torch.float16)  # [T, L, D]
         if granularity == "pooled":
-            # [B, L, T, D] -> [B, T, L*D] so one masked mean pools every layer at once
-            means = masked_mean(hidden.permute(0, 2, 1, 3).reshape(b, t, num_layers * d), lengths)
-            for j, i in enumerate(batch):
-                pooled[i] = means[j].reshape(num_layers, d).float()
-        else:
-            for j, i in enumerate(batch):
-                frames[i] = hidden[j, :, : int(lengths[j])].permute(1, 0, 2).to(torch.float16)  # [T, L, D]
-    if granularity == "pooled":
-        return {"pooled": torch.stack(pooled)}
-    lengths = torch.tensor([f.shape[0] for f in frames], dtype=torch.long)
-    offsets = torch.zeros(len(frames) + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(lengths, 0)
-    return {"frames": torch.cat(frames), "offsets": offsets}
+            return {"pooled": torch.stack(pooled)}
+        lengths = torch.tensor([f.shape[0] for f in frames], dtype=torch.long)
+        offsets = torch.zeros(len(frames) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        return {"frames": torch.cat(frames), "offsets": offsets}
 
 
 class FeatureCache:

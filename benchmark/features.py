@@ -22,12 +22,14 @@ from upstreams.base import Upstream
 log = logging.getLogger("speechbench")
 
 
-def run_upstream(upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None,
-                 crop_s: float | None = None, rng: np.random.Generator | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def upstream_hidden(upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None,
+                    crop_s: float | None = None, rng: np.random.Generator | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load and pad the audio of ``utts``, run the frozen upstream: ``hidden [B, L, T, D]``, ``lengths [B]``.
 
     With ``crop_s``, audio longer than that is cut to a random ``crop_s`` window drawn from ``rng``.
+    Call it under ``torch.inference_mode()``: the outputs are then inference tensors, fine for reductions and
+    storage (the feature cache) but not for autograd; :func:`run_upstream` returns ordinary tensors.
     """
     waves = [load_utterance_audio(u, audio_root, upstream.sample_rate) for u in utts]
     if crop_s is not None:
@@ -35,11 +37,19 @@ def run_upstream(upstream: Upstream, utts: Sequence[Utterance], audio_root: Path
         waves = [w if w.shape[0] <= size else w[(o := int(rng.integers(0, w.shape[0] - size + 1))): o + size]
                  for w in waves]
     wavs, wav_lengths = collate_audio(waves)
+    out = upstream(wavs, wav_lengths)
+    hidden = out.hidden if torch.is_tensor(out.hidden) else torch.stack(list(out.hidden), dim=1)
+    return hidden, out.lengths
+
+
+def run_upstream(upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None,
+                 crop_s: float | None = None, rng: np.random.Generator | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`upstream_hidden` under inference mode, as ordinary tensors the training loop can use."""
     with torch.inference_mode():
-        out = upstream(wavs, wav_lengths)
-        hidden = out.hidden if torch.is_tensor(out.hidden) else torch.stack(list(out.hidden), dim=1)
+        hidden, lengths = upstream_hidden(upstream, utts, audio_root, crop_s, rng)
     # inference tensors cannot enter autograd; a clone outside inference mode is an ordinary tensor
-    return hidden.clone(), out.lengths.clone()
+    return hidden.clone(), lengths.clone()
 
 
 class OnTheFlyFeatures:
