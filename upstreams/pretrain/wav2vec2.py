@@ -24,8 +24,18 @@ fairseq's 2 -> 0.5 by 0.999995 takes 277k updates; our default decay 0.999 reach
 
 Differences from fairseq worth knowing: no L2 penalty on the conv features (``features_pen``), no equalising of the
 number of masked frames across the batch (fairseq's ``require_same_masks`` subsamples masked frames, breaking spans;
-HF's loss takes any count per utterance), and ``feature_grad_mult`` (fairseq Base 0.1) is a gradient scale on the conv
-encoder output implemented here with a forward hook.
+HF's loss takes any count per utterance), ``feature_grad_mult`` (fairseq Base 0.1) is a gradient scale on the conv
+encoder output implemented here with a forward hook, and the conv feature encoder starts smooth
+(:func:`smooth_feature_encoder_`, ``feature_encoder_init="smooth"``; ``"kaiming"`` is HF's / fairseq's init).
+
+Why the smooth start: with kaiming kernels the initial conv features of a steady vowel depend on the phase at which
+each 20 ms hop samples the pitch period, so the quantiser gives it a new code almost every frame (on the synthetic
+corpus neighbouring frames share a code about as often as random frames of the utterance). Such targets cannot be
+predicted from the context; the cheapest way down is a context vector that is constant and orthogonal to every target,
+which puts the contrastive loss at exactly ``ln(1 + K)`` and leaves no gradient that could make the targets smoother.
+Base-size runs escape this plateau after many large-batch updates; a few hundred CPU updates never do. The tiny
+recipe also masks short spans (``mask_time_length=3``): after the smooth start, codes stay predictable over 2-3 frames
+(about a phone), not from 5-10 frames away, which is where a 10-frame span leaves most of its frames.
 """
 
 from __future__ import annotations
@@ -88,6 +98,8 @@ class Wav2Vec2ObjectiveOptions:
     gumbel_temperature_end: float = 0.5  # (0.5)
     gumbel_temperature_decay: float = 0.999  # per update (0.999995 over 400k updates)
     feature_grad_mult: float = 1.0  # gradient scale into the conv feature encoder (0.1); 1 = plain
+    feature_encoder_init: str = "smooth"  # "smooth" (see smooth_feature_encoder_) | "kaiming" (HF / fairseq)
+    smooth_init_noise: float = 0.1  # "smooth": weight of the kaiming part left in each kernel
 
 
 def gumbel_temperature(updates: int, start: float, end: float, decay: float) -> float:
@@ -179,6 +191,30 @@ def build_config(model: Wav2Vec2ModelOptions, objective: Wav2Vec2ObjectiveOption
         diversity_loss_weight=objective.diversity_loss_weight)
 
 
+FEATURE_ENCODER_INITS = ("smooth", "kaiming")
+
+
+@torch.no_grad()
+def smooth_feature_encoder_(conv_layers: nn.ModuleList, noise: float) -> None:
+    """Re-initialise every strided conv after the first as a moving average over its taps of a random channel mix.
+
+    Each kernel ``[C_out, C_in, k]`` becomes ``M / k + noise * N`` with ``M [C_out, C_in, 1]`` and ``N`` kaiming
+    normal (``std sqrt(2 / fan_in)``, ``M``'s std ``sqrt(2 / C_in)``: the same output scale for a slowly varying
+    input). Why: with kaiming kernels every output frame mixes a few instants of the rectified first-layer filter
+    outputs with random signs, so it depends on the phase at which the 20 ms hop samples each pitch period; a steady
+    vowel then gets a different quantiser code every frame (neighbouring frames agree about as often as random
+    frames), the targets are unpredictable, the context network collapses to a constant and the contrastive loss
+    sits at ``ln(K + 1)`` with no gradient left to make the targets smoother. Averaging the taps makes the encoder
+    start as smoothed rectified filterbank envelopes, which change only with the sound.
+    """
+    for layer in conv_layers[1:]:
+        weight = layer.conv.weight
+        out_channels, in_channels, taps = weight.shape
+        mix = torch.randn(out_channels, in_channels, 1) * (2.0 / in_channels) ** 0.5
+        kaiming = torch.randn(weight.shape) * (2.0 / (in_channels * taps)) ** 0.5
+        weight.copy_(mix.expand_as(weight) / taps + noise * kaiming)
+
+
 class Wav2Vec2Objective(Objective):
     """Masked contrastive prediction of Gumbel-quantised conv features (see the module docstring)."""
 
@@ -190,8 +226,14 @@ class Wav2Vec2Objective(Objective):
 
         if not (objective.mask_time_prob >= 0 and objective.mask_time_length >= 1 and objective.num_negatives >= 1):
             raise ValueError(f"wav2vec2: invalid masking/negatives settings {objective}")
+        if objective.feature_encoder_init not in FEATURE_ENCODER_INITS:
+            choices = ", ".join(FEATURE_ENCODER_INITS)
+            raise ValueError(f"wav2vec2: objective.feature_encoder_init must be one of {choices}, "
+                             f"got {objective.feature_encoder_init!r}")
         self.model_options, self.objective_options = model, objective
         self.model = Wav2Vec2ForPreTraining(build_config(model, objective))
+        if objective.feature_encoder_init == "smooth":
+            smooth_feature_encoder_(self.model.wav2vec2.feature_extractor.conv_layers, objective.smooth_init_noise)
         self.register_buffer("gumbel_updates", torch.zeros((), dtype=torch.long))  # training forwards so far
         if objective.feature_grad_mult != 1.0:
             self.model.wav2vec2.feature_extractor.register_forward_hook(self._scale_feature_grad)
@@ -234,6 +276,7 @@ class Wav2Vec2Objective(Objective):
             "diversity_loss": float(out.diversity_loss.detach() / masked),  # (G V - perplexity) / (G V)
             "code_perplexity": float(out.codevector_perplexity.detach()),  # summed over groups, at most G V
             "accuracy": contrastive_accuracy(out.projected_states, out.projected_quantized_states, mask, negatives),
+            "identical_negatives": identical_negatives(out.projected_quantized_states, mask, negatives),
             "gumbel_temperature": float(temperature),
             "mask_fraction": float(masked / mask.numel()),
         }
@@ -263,6 +306,15 @@ def contrastive_accuracy(predicted: torch.Tensor, targets: torch.Tensor, mask: t
     """Fraction of masked frames whose context ``predicted [B, T, P]`` is closer (cosine) to its own target in
     ``targets [B, T, P]`` than to any of its distractors (fairseq's ``correct / count``)."""
     return float((contrastive_logits(predicted, targets, mask, negatives).argmax(dim=-1) == 0).float().mean())
+
+
+@torch.no_grad()
+def identical_negatives(targets: torch.Tensor, mask: torch.Tensor, negatives: torch.Tensor) -> float:
+    """Fraction of the distractors equal to their positive (same codes): they are left out of the softmax, so a
+    collapsing codebook lowers the loss without any prediction."""
+    positive = targets[mask]  # [N, P]
+    negative = targets.reshape(-1, targets.shape[-1])[negatives[mask]]  # [N, K, P]
+    return float((negative == positive[:, None]).all(dim=-1).float().mean())
 
 
 @register_objective("wav2vec2", Wav2Vec2ModelOptions, Wav2Vec2ObjectiveOptions)
