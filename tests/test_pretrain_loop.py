@@ -104,7 +104,7 @@ def test_zero_steps_exports_the_random_initialisation(tmp_path, one_torch_thread
 def test_short_run_on_the_tiny_corpus_lowers_the_loss_and_loads(family, tmp_path, synth_tiny, capsys,
                                                                  one_torch_thread):
     out = tmp_path / family
-    steps = 40
+    steps = 100 if family == "wav2vec2" else 40  # contrastive targets need a few more updates to become predictable
     assert main(["pretrain", "--model", family, "--out", str(out), f"train.max_steps={steps}", "optim.lr=2e-3",
                  *RUN, *SMALL[family]]) == 0
     assert f"step {steps}" in capsys.readouterr().out

@@ -33,7 +33,7 @@ each 20 ms hop samples the pitch period, so the quantiser gives it a new code al
 corpus neighbouring frames share a code about as often as random frames of the utterance). Such targets cannot be
 predicted from the context; the cheapest way down is a context vector that is constant and orthogonal to every target,
 which puts the contrastive loss at exactly ``ln(1 + K)`` and leaves no gradient that could make the targets smoother.
-Base-size runs escape this plateau after many large-batch updates; a few hundred CPU updates never do. The tiny
+fairseq-size runs (over an hour of audio per update) get past it in time; a few hundred 32 s updates do not. The tiny
 recipe also masks short spans (``mask_time_length=3``): after the smooth start, codes stay predictable over 2-3 frames
 (about a phone), not from 5-10 frames away, which is where a 10-frame span leaves most of its frames.
 """
