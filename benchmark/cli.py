@@ -250,7 +250,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from benchmark.pretrain import run_pretrain
 
     _set_threads()
-    if args.iteration == 2 and not args.teacher:
+    if args.model == "hubert" and args.iteration == 2 and not args.teacher:
         raise ConfigError("--iteration 2 needs --from DIR (the iteration-1 upstream, e.g. OUT/upstream)")
     summary = run_pretrain(args.model, args.out, recipe=args.recipe, data=args.data,
                            overrides=tuple(args.overrides), iteration=args.iteration, teacher=args.teacher,
