@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import train_on_fixed_batch
 
 from upstreams.hf import HF_NORM_EPS, normalize_waveforms
 from upstreams.pretrain.base import OBJECTIVES
@@ -159,23 +160,7 @@ def iteration1(tmp_path_factory):
     obj.prepare(batches(3, 8, 32000, seed=100), logs.append)
     wavs, lengths = speech_like(4, 32000, seed=3), torch.full((4,), 32000)
 
-    def evaluate() -> dict:
-        state = torch.get_rng_state()
-        torch.manual_seed(123)  # the same masks before and after
-        with torch.no_grad():
-            stats = obj(wavs, lengths).stats
-        torch.set_rng_state(state)
-        return stats
-
-    obj.train()
-    before = evaluate()
-    optimizer = torch.optim.Adam(obj.parameters(), lr=1e-3)
-    for _ in range(40):
-        out = obj(wavs, lengths)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-    after = evaluate()
+    before, after = train_on_fixed_batch(obj, wavs, lengths, steps=40, lr=1e-3)
     out_dir = tmp_path_factory.mktemp("hubert") / "iter1"
     out_dir.mkdir()
     obj.export(out_dir, {"step": 40, "recipe": "test"})

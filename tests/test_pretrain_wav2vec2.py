@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import train_on_fixed_batch
 from transformers import Wav2Vec2Model
 
 from upstreams.hf import HF_NORM_EPS, normalize_waveforms
@@ -260,23 +261,7 @@ def test_contrastive_loss_goes_down_on_a_fixed_batch():
     wavs = speech_like(4, 32000, seed=3)
     lengths = torch.full((4,), 32000)
 
-    def evaluate() -> dict:
-        state = torch.get_rng_state()
-        torch.manual_seed(123)  # the same masks, negatives and Gumbel noise before and after
-        with torch.no_grad():
-            stats = obj(wavs, lengths).stats
-        torch.set_rng_state(state)
-        return stats
-
-    obj.train()
-    before = evaluate()
-    optimizer = torch.optim.Adam(obj.parameters(), lr=5e-4)
-    for _ in range(40):
-        out = obj(wavs, lengths)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-    after = evaluate()
+    before, after = train_on_fixed_batch(obj, wavs, lengths, steps=40, lr=5e-4)
     assert math.isfinite(after["contrastive_loss"])
     assert after["contrastive_loss"] < before["contrastive_loss"] - 0.3, (before, after)
     assert after["accuracy"] > before["accuracy"]

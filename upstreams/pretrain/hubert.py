@@ -53,6 +53,7 @@ from upstreams.features import (
 from upstreams.hf import HF_NORM_EPS, normalize_waveforms, save_hf_checkpoint
 from upstreams.pretrain.base import Objective, ObjectiveOutput, register_objective
 from upstreams.pretrain.kmeans import KMeansSettings, assign_clusters, cluster_usage, feature_stats, fit_kmeans
+from upstreams.pretrain.transformer import TransformerOptions, config_kwargs
 from upstreams.pretrain.wav2vec2 import conv_frames, span_mask
 
 MFCC_DIM = 39  # 13 cepstra + deltas + delta-deltas
@@ -60,32 +61,9 @@ DEFAULT_CLUSTERS = {1: 50, 2: 100}  # fairseq Base: 100 and 500, for 960 h; ours
 
 
 @dataclass(frozen=True)
-class HubertModelOptions:
-    """Architecture (fields of ``HubertConfig``). Defaults: the bundled size, ~316k exported parameters.
-
-    Base: ``hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-    conv_dim=(512,)*7, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16``, dropouts 0.1,
-    ``layerdrop=0.05`` (and objective ``final_dim=256``).
-    """
-
-    hidden_size: int = 96
-    num_hidden_layers: int = 3
-    num_attention_heads: int = 4
-    intermediate_size: int = 192
-    conv_dim: tuple[int, ...] = (64, 64, 64, 64, 64, 64, 64)
-    conv_kernel: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
-    conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)  # 320x: 50 frames per second
-    conv_bias: bool = False
-    feat_extract_norm: str = "group"  # "group" (Base: GroupNorm on the first conv) | "layer" (Large)
-    do_stable_layer_norm: bool = False  # pre-LN transformer (Large); False = post-LN (Base)
-    num_conv_pos_embeddings: int = 32  # positional conv kernel
-    num_conv_pos_embedding_groups: int = 16
-    normalize: bool = True  # zero-mean unit-variance waveform (saved as preprocessor_config do_normalize)
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0
-    feat_proj_dropout: float = 0.0
-    layerdrop: float = 0.0
+class HubertModelOptions(TransformerOptions):
+    """Architecture (fields of ``HubertConfig``): exactly the shared transformer fields. Base: those of
+    :class:`TransformerOptions` (and objective ``final_dim=256``)."""
 
 
 @dataclass(frozen=True)
@@ -137,21 +115,10 @@ def check_objective_options(options: HubertObjectiveOptions) -> None:
 
 
 def build_config(model: HubertModelOptions):
-    """The ``HubertConfig`` of these options. Its ``mask_time_*`` fields stay at HF's defaults (the SpecAugment of
-    fine-tuning); pretraining masks are passed to the forward (HF only needs ``mask_time_prob > 0`` to create
-    ``masked_spec_embed``)."""
+    """The ``HubertConfig`` of these options (pretraining masks are passed to the forward)."""
     from transformers import HubertConfig
 
-    return HubertConfig(
-        hidden_size=model.hidden_size, num_hidden_layers=model.num_hidden_layers,
-        num_attention_heads=model.num_attention_heads, intermediate_size=model.intermediate_size,
-        conv_dim=tuple(model.conv_dim), conv_kernel=tuple(model.conv_kernel), conv_stride=tuple(model.conv_stride),
-        conv_bias=model.conv_bias, feat_extract_norm=model.feat_extract_norm,
-        do_stable_layer_norm=model.do_stable_layer_norm, num_conv_pos_embeddings=model.num_conv_pos_embeddings,
-        num_conv_pos_embedding_groups=model.num_conv_pos_embedding_groups, hidden_dropout=model.hidden_dropout,
-        attention_dropout=model.attention_dropout, activation_dropout=model.activation_dropout,
-        feat_proj_dropout=model.feat_proj_dropout, final_dropout=0.0, layerdrop=model.layerdrop,
-        apply_spec_augment=True)
+    return HubertConfig(**config_kwargs(model))
 
 
 @functools.lru_cache(maxsize=1)

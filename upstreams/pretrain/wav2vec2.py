@@ -48,40 +48,20 @@ from torch import nn
 
 from upstreams.hf import HF_NORM_EPS, normalize_waveforms, save_hf_checkpoint
 from upstreams.pretrain.base import Objective, ObjectiveOutput, register_objective
+from upstreams.pretrain.transformer import TransformerOptions, config_kwargs
 
 
 @dataclass(frozen=True)
-class Wav2Vec2ModelOptions:
-    """Architecture (fields of ``Wav2Vec2Config``). Defaults: the bundled size, ~316k exported parameters (1.3 MB).
+class Wav2Vec2ModelOptions(TransformerOptions):
+    """Architecture: the shared transformer fields plus the quantiser (fields of ``Wav2Vec2Config``). Defaults: the
+    bundled size, ~316k exported parameters (1.3 MB). Base adds ``codevector_dim=256, proj_codevector_dim=256,
+    num_codevectors_per_group=320`` to :class:`TransformerOptions`' Base values."""
 
-    Base: ``hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-    conv_dim=(512,)*7, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, codevector_dim=256,
-    proj_codevector_dim=256, num_codevectors_per_group=320`` and dropouts 0.1, ``layerdrop=0.05``.
-    """
-
-    hidden_size: int = 96
-    num_hidden_layers: int = 3
-    num_attention_heads: int = 4
-    intermediate_size: int = 192
-    conv_dim: tuple[int, ...] = (64, 64, 64, 64, 64, 64, 64)
-    conv_kernel: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
-    conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)  # 320x: 50 frames per second
-    conv_bias: bool = False
-    feat_extract_norm: str = "group"  # "group" (Base: GroupNorm on the first conv) | "layer" (LayerNorm everywhere)
-    do_stable_layer_norm: bool = False  # pre-LN transformer (Large); False = post-LN (Base)
-    num_conv_pos_embeddings: int = 32  # positional conv kernel
-    num_conv_pos_embedding_groups: int = 16
     codevector_dim: int = 64  # quantiser output (all groups concatenated); divisible by num_codevector_groups
     proj_codevector_dim: int = 64  # the space where context and quantised targets are compared
     num_codevector_groups: int = 2
     num_codevectors_per_group: int = 64
-    normalize: bool = True  # zero-mean unit-variance waveform (saved as preprocessor_config do_normalize)
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0
-    feat_proj_dropout: float = 0.0
     feat_quantizer_dropout: float = 0.0
-    layerdrop: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -170,24 +150,14 @@ def sample_negatives(mask: torch.Tensor, num_negatives: int, generator: torch.Ge
 
 
 def build_config(model: Wav2Vec2ModelOptions, objective: Wav2Vec2ObjectiveOptions):
-    """The ``Wav2Vec2Config`` of these options. Its ``mask_time_*`` fields stay at HF's defaults: they are the
-    SpecAugment of HF fine-tuning; pretraining masks come from :func:`span_mask` (HF only needs
-    ``mask_time_prob > 0`` to create ``masked_spec_embed``)."""
+    """The ``Wav2Vec2Config`` of these options (pretraining masks come from :func:`span_mask`)."""
     from transformers import Wav2Vec2Config
 
     return Wav2Vec2Config(
-        hidden_size=model.hidden_size, num_hidden_layers=model.num_hidden_layers,
-        num_attention_heads=model.num_attention_heads, intermediate_size=model.intermediate_size,
-        conv_dim=tuple(model.conv_dim), conv_kernel=tuple(model.conv_kernel), conv_stride=tuple(model.conv_stride),
-        conv_bias=model.conv_bias, feat_extract_norm=model.feat_extract_norm,
-        do_stable_layer_norm=model.do_stable_layer_norm, num_conv_pos_embeddings=model.num_conv_pos_embeddings,
-        num_conv_pos_embedding_groups=model.num_conv_pos_embedding_groups, codevector_dim=model.codevector_dim,
-        proj_codevector_dim=model.proj_codevector_dim, num_codevector_groups=model.num_codevector_groups,
-        num_codevectors_per_group=model.num_codevectors_per_group, hidden_dropout=model.hidden_dropout,
-        attention_dropout=model.attention_dropout, activation_dropout=model.activation_dropout,
-        feat_proj_dropout=model.feat_proj_dropout, feat_quantizer_dropout=model.feat_quantizer_dropout,
-        final_dropout=0.0, layerdrop=model.layerdrop, apply_spec_augment=True,
-        num_negatives=objective.num_negatives, contrastive_logits_temperature=objective.contrastive_logits_temperature,
+        **config_kwargs(model), codevector_dim=model.codevector_dim, proj_codevector_dim=model.proj_codevector_dim,
+        num_codevector_groups=model.num_codevector_groups, num_codevectors_per_group=model.num_codevectors_per_group,
+        feat_quantizer_dropout=model.feat_quantizer_dropout, num_negatives=objective.num_negatives,
+        contrastive_logits_temperature=objective.contrastive_logits_temperature,
         diversity_loss_weight=objective.diversity_loss_weight)
 
 
