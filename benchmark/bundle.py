@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from upstreams.checkpoints import sha256_file
-from upstreams.registry import BUNDLED_DIR, CARDS_DIR
+from speechbench.upstreams.checkpoints import sha256_file
+from speechbench.upstreams.registry import BUNDLED_DIR, CARDS_DIR
 
 FAMILIES = ("apc", "cpc", "wav2vec2", "hubert")
 TITLES = {"apc": "APC", "cpc": "modified CPC", "wav2vec2": "wav2vec 2.0", "hubert": "HuBERT"}
@@ -50,7 +50,7 @@ def build(family: str, work: Path) -> dict[str, tuple[Path, str]]:
     for name, template in _runs(family):
         args = [a.replace("{w}", str(work)) for a in template]
         print("$", shlex.join(["bench", "pretrain", *args]), flush=True)
-        subprocess.run([sys.executable, "-m", "benchmark.cli", "pretrain", *args], check=True)
+        subprocess.run([sys.executable, "-m", "speechbench", "pretrain", *args], check=True)
         command = shlex.join(["bench", "pretrain", *[a.replace("{w}", "ckpts") for a in template]])
         if name is None:
             commands.append(command)

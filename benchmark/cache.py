@@ -27,9 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from benchmark.features import upstream_hidden
-from downstreams.data import Utterance, atomic_path, atomic_write_text, bucket_by_duration
-from upstreams.base import Upstream
+from speechbench.benchmark.features import upstream_hidden
+from speechbench.downstreams.data import Utterance, atomic_path, atomic_write_text, bucket_by_duration
+from speechbench.upstreams.base import Upstream
 
 log = logging.getLogger("speechbench")
 

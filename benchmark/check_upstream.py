@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from upstreams.base import Upstream
+from speechbench.upstreams.base import Upstream
 
 TOLERANCE = 1e-4
 BATCH_SECONDS = (2.05, 0.73, 1.31)
@@ -184,7 +184,7 @@ def check_upstream(upstream: Upstream, long_seconds: float = 30.0, seed: int = 0
 def run_check(name_or_path: str, ckpt: str | None = None, trust_checkpoint: bool = False,
               long_seconds: float = 30.0, printer: Callable[[str], None] = print) -> bool:
     """Build an upstream by name/path, run every check, print one line per check; True when all pass."""
-    from upstreams.registry import build_upstream
+    from speechbench.upstreams.registry import build_upstream
 
     upstream = build_upstream(name_or_path, ckpt=ckpt, trust_checkpoint=trust_checkpoint)
     printer(f"checking {upstream.name} (format {getattr(upstream, 'checkpoint_format', 'builtin')})")

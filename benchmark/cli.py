@@ -166,8 +166,8 @@ def _set_threads() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from benchmark.run import RunRequest, run
-    from downstreams.tasks import list_tasks
+    from speechbench.benchmark.run import RunRequest, run
+    from speechbench.downstreams.tasks import list_tasks
 
     _set_threads()
 
@@ -214,7 +214,7 @@ def fold_means(rows: list[dict]) -> list[dict]:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from leaderboard.build import build_leaderboard
+    from speechbench.leaderboard.build import build_leaderboard
 
     _, _, text = build_leaderboard(args.results_dir, args.out, reference=args.reference)
     print(text)
@@ -223,8 +223,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from benchmark.extract import extract_features, load_inputs
-    from upstreams.registry import build_upstream
+    from speechbench.benchmark.extract import extract_features, load_inputs
+    from speechbench.upstreams.registry import build_upstream
 
     _set_threads()
     utts, root = load_inputs(args.data, args.audio_root)
@@ -236,7 +236,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_check_upstream(args: argparse.Namespace) -> int:
-    from benchmark.check_upstream import run_check
+    from speechbench.benchmark.check_upstream import run_check
 
     _set_threads()
     ok = run_check(args.upstream, ckpt=args.ckpt, trust_checkpoint=args.trust_checkpoint, long_seconds=args.seconds)
@@ -246,8 +246,8 @@ def cmd_check_upstream(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     import shlex
 
-    from benchmark.config import ConfigError
-    from benchmark.pretrain import run_pretrain
+    from speechbench.benchmark.config import ConfigError
+    from speechbench.benchmark.pretrain import run_pretrain
 
     _set_threads()
     if args.model == "hubert" and args.iteration == 2 and not args.teacher:
@@ -262,7 +262,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "upstreams":
-        from upstreams.registry import list_upstreams
+        from speechbench.upstreams.registry import list_upstreams
 
         for entry in list_upstreams():
             lines = entry.summary.strip().splitlines() or [""]
@@ -270,13 +270,13 @@ def cmd_list(args: argparse.Namespace) -> int:
             for line in lines[1:]:
                 print(f"{'':<18} {line.strip()}")
     elif args.what == "tasks":
-        from downstreams.tasks import list_tasks
+        from speechbench.downstreams.tasks import list_tasks
 
         for t in list_tasks():
             direction = "higher is better" if t.higher_is_better else "lower is better"
             print(f"{t.name:<5} {t.summary} [{t.metric}, {t.unit}, {direction}; real corpus: {t.real_corpus}]")
     else:
-        from benchmark.config import find_recipe, list_recipes, load_raw_recipe
+        from speechbench.benchmark.config import find_recipe, list_recipes, load_raw_recipe
 
         for name in list_recipes():
             print(f"{name:<16} {load_raw_recipe(find_recipe(name)).get('description', '')}")
@@ -284,7 +284,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from downstreams.synth.corpus import generate_corpus
+    from speechbench.downstreams.synth.corpus import generate_corpus
 
     out = generate_corpus(args.out, profile=args.profile, seed=args.seed)
     print(f"wrote the {args.profile} synthetic corpus (seed {args.seed}) to {out}")
@@ -295,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
-    from benchmark.config import ConfigError
-    from downstreams.data import DataError
-    from upstreams.checkpoints import CheckpointError
+    from speechbench.benchmark.config import ConfigError
+    from speechbench.downstreams.data import DataError
+    from speechbench.upstreams.checkpoints import CheckpointError
 
     handlers = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "data": cmd_data,
                 "extract": cmd_extract, "check-upstream": cmd_check_upstream, "pretrain": cmd_pretrain}

@@ -197,7 +197,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def recipes_root() -> Path:
-    return Path(str(resources.files("recipes")))
+    return Path(str(resources.files("speechbench.recipes")))
 
 
 def list_recipes() -> list[str]:

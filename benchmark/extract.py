@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from downstreams.data import (
+from speechbench.downstreams.data import (
     DataError,
     Utterance,
     atomic_path,
@@ -49,7 +49,7 @@ from downstreams.data import (
     read_manifest,
     resolve_audio_path,
 )
-from upstreams.base import Upstream
+from speechbench.upstreams.base import Upstream
 
 log = logging.getLogger("speechbench")
 

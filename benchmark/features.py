@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from downstreams.data import Utterance, collate_audio, load_utterance_audio
-from upstreams.base import Upstream
+from speechbench.downstreams.data import Utterance, collate_audio, load_utterance_audio
+from speechbench.upstreams.base import Upstream
 
 log = logging.getLogger("speechbench")
 

@@ -15,11 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmark.config import ConfigError, apply_overrides, find_recipe, from_dict, load_raw_recipe
-from benchmark.results import git_sha
-from downstreams.data import DataError, Utterance, load_audio, read_manifest, resolve_audio_path
-from upstreams.pretrain.base import get_objective
-from upstreams.pretrain.loop import SAMPLE_RATE, AudioSource, PretrainOptim, PretrainSummary, PretrainTrain, pretrain
+from speechbench.benchmark.config import ConfigError, apply_overrides, find_recipe, from_dict, load_raw_recipe
+from speechbench.benchmark.results import git_sha
+from speechbench.downstreams.data import DataError, Utterance, load_audio, read_manifest, resolve_audio_path
+from speechbench.upstreams.pretrain.base import get_objective
+from speechbench.upstreams.pretrain.loop import (
+    SAMPLE_RATE,
+    AudioSource,
+    PretrainOptim,
+    PretrainSummary,
+    PretrainTrain,
+    pretrain,
+)
 
 log = logging.getLogger("speechbench")
 
@@ -85,7 +92,7 @@ def config_dict(cfg: PretrainConfig) -> dict:
 def _utterances(data: PretrainData) -> tuple[list[Utterance], Path | None, str]:
     """The training utterances, their audio root and a description of the source."""
     if data.source == "synth":
-        from downstreams.synth.corpus import ensure_corpus
+        from speechbench.downstreams.synth.corpus import ensure_corpus
 
         root = ensure_corpus(data.profile, data.synth_seed)
         utts = []
@@ -96,7 +103,7 @@ def _utterances(data: PretrainData) -> tuple[list[Utterance], Path | None, str]:
                                 f"{', '.join(SYNTH_TASKS)})")
             utts += read_manifest(manifest)
         return utts, root, f"synth/{data.profile} seed {data.synth_seed} train splits of {','.join(data.synth_tasks)}"
-    from benchmark.extract import load_inputs
+    from speechbench.benchmark.extract import load_inputs
 
     utts, root = load_inputs(data.source, data.audio_root)
     return utts, root, str(data.source)

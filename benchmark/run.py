@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import yaml
 
-from benchmark.cache import FeatureCache, estimate_frames_bytes, upstream_identity
-from benchmark.config import (
+from speechbench.benchmark.cache import FeatureCache, estimate_frames_bytes, upstream_identity
+from speechbench.benchmark.config import (
     ConfigError,
     RunConfig,
     apply_overrides,
@@ -27,13 +27,13 @@ from benchmark.config import (
     find_recipe,
     load_raw_recipe,
 )
-from benchmark.features import OnTheFlyFeatures, PooledFeatures
-from benchmark.results import SCHEMA_VERSION, git_sha, package_versions, read_result, utc_now, write_result
-from benchmark.train import DownstreamModel, evaluate, train
-from downstreams.data import atomic_write_text, write_manifest
-from downstreams.featurizer import WeightedLayerSum
-from downstreams.tasks import PreparedData, Task, get_task, write_predictions_tsv
-from upstreams.registry import build_upstream
+from speechbench.benchmark.features import OnTheFlyFeatures, PooledFeatures
+from speechbench.benchmark.results import SCHEMA_VERSION, git_sha, package_versions, read_result, utc_now, write_result
+from speechbench.benchmark.train import DownstreamModel, evaluate, train
+from speechbench.downstreams.data import atomic_write_text, write_manifest
+from speechbench.downstreams.featurizer import WeightedLayerSum
+from speechbench.downstreams.tasks import PreparedData, Task, get_task, write_predictions_tsv
+from speechbench.upstreams.registry import build_upstream
 
 log = logging.getLogger("speechbench")
 

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from benchmark.config import RunConfig
-from downstreams.data import atomic_path, bucket_by_duration
-from downstreams.featurizer import WeightedLayerSum
-from downstreams.tasks import Task
+from speechbench.benchmark.config import RunConfig
+from speechbench.downstreams.data import atomic_path, bucket_by_duration
+from speechbench.downstreams.featurizer import WeightedLayerSum
+from speechbench.downstreams.tasks import Task
 
 log = logging.getLogger("speechbench")
 

@@ -27,11 +27,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from downstreams.ctc import LIBRISPEECH, CTCOutput, ctc_loss, greedy_decode, read_librispeech, read_synth_asr
-from downstreams.data import DataError, Utterance, atomic_write_text
-from downstreams.metrics import token_error_rate_percent, word_error_rate_percent
-from downstreams.tasks import PreparedData, Task, register_task
-from downstreams.text import CHAR_VOCAB, chars_to_text, normalise_transcript, text_to_chars
+from speechbench.downstreams.ctc import (
+    LIBRISPEECH,
+    CTCOutput,
+    ctc_loss,
+    greedy_decode,
+    read_librispeech,
+    read_synth_asr,
+)
+from speechbench.downstreams.data import DataError, Utterance, atomic_write_text
+from speechbench.downstreams.metrics import token_error_rate_percent, word_error_rate_percent
+from speechbench.downstreams.tasks import PreparedData, Task, register_task
+from speechbench.downstreams.text import CHAR_VOCAB, chars_to_text, normalise_transcript, text_to_chars
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ def _check_text(splits: dict[str, list[Utterance]], where: str) -> dict[str, lis
 
 def prepare(data_cfg, options: ASROptions) -> PreparedData:
     if data_cfg.corpus == "synth":
-        from downstreams.synth.corpus import ensure_corpus
+        from speechbench.downstreams.synth.corpus import ensure_corpus
 
         corpus_dir = ensure_corpus(data_cfg.profile, data_cfg.synth_seed)
         splits = _check_text(read_synth_asr(corpus_dir), str(corpus_dir / "asr"))

@@ -41,9 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from downstreams.data import DataError, Utterance, atomic_write_text, audio_duration_s, expect_path, read_manifest
-from downstreams.metrics import equal_error_rate_percent, min_dcf
-from downstreams.tasks import PreparedData, Task, register_task
+from speechbench.downstreams.data import (
+    DataError,
+    Utterance,
+    atomic_write_text,
+    audio_duration_s,
+    expect_path,
+    read_manifest,
+)
+from speechbench.downstreams.metrics import equal_error_rate_percent, min_dcf
+from speechbench.downstreams.tasks import PreparedData, Task, register_task
 
 REAL_CORPUS = "VoxCeleb1"
 SELECTION_RULE = "best dev EER on trials between held-out training-set speakers (never the test trials)"
@@ -207,7 +214,7 @@ def _drop_short(utts: Sequence[Utterance], min_s: float) -> tuple[list[Utterance
 
 def prepare(data_cfg, options: ASVOptions) -> PreparedData:
     if data_cfg.corpus == "synth":
-        from downstreams.synth.corpus import ensure_corpus
+        from speechbench.downstreams.synth.corpus import ensure_corpus
 
         corpus_dir = ensure_corpus(data_cfg.profile, data_cfg.synth_seed)
         splits = {s: read_manifest(corpus_dir / "asv" / f"{s}.jsonl") for s in ("train", "dev", "test")}

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from downstreams.data import DataError, Utterance, audio_duration_s, expect_path, read_manifest
+from speechbench.downstreams.data import DataError, Utterance, audio_duration_s, expect_path, read_manifest
 
 LIBRISPEECH = "LibriSpeech"
 

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from downstreams.data import DataError, Utterance, audio_duration_s, expect_path, read_manifest
-from downstreams.heads import UtteranceLevelHead
-from downstreams.metrics import accuracy_percent
-from downstreams.tasks import PreparedData, Task, register_task
+from speechbench.downstreams.data import DataError, Utterance, audio_duration_s, expect_path, read_manifest
+from speechbench.downstreams.heads import UtteranceLevelHead
+from speechbench.downstreams.metrics import accuracy_percent
+from speechbench.downstreams.tasks import PreparedData, Task, register_task
 
 CLASSES = ("neu", "hap", "ang", "sad")
 MERGE = {"exc": "hap"}
@@ -124,7 +124,7 @@ def split_fold(utterances: Sequence[Utterance], fold: int, dev_fraction: float =
 
 def prepare(data_cfg: Any, options: EROptions) -> PreparedData:
     if data_cfg.corpus == "synth":
-        from downstreams.synth.corpus import ensure_corpus
+        from speechbench.downstreams.synth.corpus import ensure_corpus
 
         corpus_dir = ensure_corpus(data_cfg.profile, data_cfg.synth_seed)
         utts = read_manifest(corpus_dir / "er" / "utterances.jsonl")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from downstreams.data import (
+from speechbench.downstreams.data import (
     DataError,
     Utterance,
     atomic_write_text,
@@ -33,9 +33,9 @@ from downstreams.data import (
     expect_path,
     read_manifest,
 )
-from downstreams.heads import UtteranceLevelHead
-from downstreams.metrics import all_fields_accuracy_percent, field_accuracy_percent
-from downstreams.tasks import PreparedData, Task, register_task
+from speechbench.downstreams.heads import UtteranceLevelHead
+from speechbench.downstreams.metrics import all_fields_accuracy_percent, field_accuracy_percent
+from speechbench.downstreams.tasks import PreparedData, Task, register_task
 
 SLOTS = ("action", "object", "location")
 REAL_CORPUS = "fluent_speech_commands_dataset"
@@ -89,7 +89,7 @@ def label_space(train: Sequence[Utterance]) -> Vocab:
 
 def prepare(data_cfg: Any, options: ICOptions) -> PreparedData:
     if data_cfg.corpus == "synth":
-        from downstreams.synth.corpus import ensure_corpus
+        from speechbench.downstreams.synth.corpus import ensure_corpus
 
         corpus_dir = ensure_corpus(data_cfg.profile, data_cfg.synth_seed)
         splits = {s: read_manifest(corpus_dir / "ic" / f"{s}.jsonl") for s in ("train", "dev", "test")}

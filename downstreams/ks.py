@@ -21,10 +21,10 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from downstreams.data import DataError, Utterance, expect_path, read_manifest
-from downstreams.heads import UtteranceLevelHead
-from downstreams.metrics import accuracy_percent
-from downstreams.tasks import PreparedData, Task, register_task
+from speechbench.downstreams.data import DataError, Utterance, expect_path, read_manifest
+from speechbench.downstreams.heads import UtteranceLevelHead
+from speechbench.downstreams.metrics import accuracy_percent
+from speechbench.downstreams.tasks import PreparedData, Task, register_task
 
 WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 CLASSES = WORDS + ("_unknown_", "_silence_")
@@ -102,7 +102,7 @@ def prepare_real(root: Path, test_root: Path | None) -> dict[str, list[Utterance
 
 def prepare(data_cfg, options: KSOptions) -> PreparedData:
     if data_cfg.corpus == "synth":
-        from downstreams.synth.corpus import ensure_corpus
+        from speechbench.downstreams.synth.corpus import ensure_corpus
 
         corpus_dir = ensure_corpus(data_cfg.profile, data_cfg.synth_seed)
         return PreparedData(corpus_dir, _synth_splits(corpus_dir), "synth", CLASSES,

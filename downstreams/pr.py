@@ -31,11 +31,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from downstreams.ctc import LIBRISPEECH, CTCOutput, ctc_loss, greedy_decode, read_librispeech, read_synth_asr
-from downstreams.data import DataError, Utterance, atomic_write_text, expect_path
-from downstreams.metrics import token_error_rate_percent
-from downstreams.tasks import PreparedData, Task, register_task
-from downstreams.text import CMU_PHONES, Vocabulary, cmudict_lexicon, pronounce, read_lexicon
+from speechbench.downstreams.ctc import (
+    LIBRISPEECH,
+    CTCOutput,
+    ctc_loss,
+    greedy_decode,
+    read_librispeech,
+    read_synth_asr,
+)
+from speechbench.downstreams.data import DataError, Utterance, atomic_write_text, expect_path
+from speechbench.downstreams.metrics import token_error_rate_percent
+from speechbench.downstreams.tasks import PreparedData, Task, register_task
+from speechbench.downstreams.text import CMU_PHONES, Vocabulary, cmudict_lexicon, pronounce, read_lexicon
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ class PhoneReferences(list):
 
 
 def _synth_vocabulary(corpus_dir: Path) -> Vocabulary:
-    from downstreams.synth.corpus import CORPUS_VERSION, PHONE_SET
+    from speechbench.downstreams.synth.corpus import CORPUS_VERSION, PHONE_SET
 
     return Vocabulary(f"espeak-synth-v{CORPUS_VERSION}-{len(PHONE_SET)}", tuple(PHONE_SET))
 
@@ -114,7 +121,7 @@ def apply_lexicon(splits: dict[str, list[Utterance]], lexicon: dict[str, tuple[s
 
 def prepare(data_cfg, options: PROptions) -> PreparedData:
     if data_cfg.corpus == "synth":
-        from downstreams.synth.corpus import ensure_corpus
+        from speechbench.downstreams.synth.corpus import ensure_corpus
 
         corpus_dir = ensure_corpus(data_cfg.profile, data_cfg.synth_seed)
         splits, vocab = prepare_synth(corpus_dir)

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from downstreams.data import DataError, Utterance, audio_duration_s, expect_path, read_manifest
-from downstreams.heads import UtteranceLevelHead
-from downstreams.metrics import accuracy_percent
-from downstreams.tasks import PreparedData, Task, register_task
+from speechbench.downstreams.data import DataError, Utterance, audio_duration_s, expect_path, read_manifest
+from speechbench.downstreams.heads import UtteranceLevelHead
+from speechbench.downstreams.metrics import accuracy_percent
+from speechbench.downstreams.tasks import PreparedData, Task, register_task
 
 REAL_CORPUS = "VoxCeleb1"
 SPLIT_CODES = {"1": "train", "2": "dev", "3": "test"}
@@ -90,7 +90,7 @@ def _with_speaker_label(utts: Sequence[Utterance]) -> list[Utterance]:
 
 def prepare(data_cfg: Any, options: SIDOptions) -> PreparedData:
     if data_cfg.corpus == "synth":
-        from downstreams.synth.corpus import ensure_corpus
+        from speechbench.downstreams.synth.corpus import ensure_corpus
 
         corpus_dir = ensure_corpus(data_cfg.profile, data_cfg.synth_seed)
         splits = {s: _with_speaker_label(read_manifest(corpus_dir / "sid" / f"{s}.jsonl"))

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from downstreams.data import Utterance
+from speechbench.downstreams.data import Utterance
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Task:
 
 def write_predictions_tsv(run_dir: Path, utterances: Sequence[Utterance], predictions: list, references) -> None:
     """Default audit file: ``predictions.tsv`` with one ``id<TAB>prediction<TAB>reference`` line per utterance."""
-    from downstreams.data import atomic_write_text
+    from speechbench.downstreams.data import atomic_write_text
 
     atomic_write_text(run_dir / "predictions.tsv", "".join(
         f"{u.id}\t{p}\t{r}\n" for u, p, r in zip(utterances, predictions, references, strict=True)))
@@ -104,10 +104,10 @@ def list_tasks() -> list[Task]:
 
 def _load_builtin_tasks() -> None:
     # Importing a task module registers it; one line per task keeps "adding a task" to its own module + this list.
-    import downstreams.asr  # noqa: F401
-    import downstreams.asv  # noqa: F401
-    import downstreams.er  # noqa: F401
-    import downstreams.ic  # noqa: F401
-    import downstreams.ks  # noqa: F401
-    import downstreams.pr  # noqa: F401
-    import downstreams.sid  # noqa: F401
+    import speechbench.downstreams.asr  # noqa: F401
+    import speechbench.downstreams.asv  # noqa: F401
+    import speechbench.downstreams.er  # noqa: F401
+    import speechbench.downstreams.ic  # noqa: F401
+    import speechbench.downstreams.ks  # noqa: F401
+    import speechbench.downstreams.pr  # noqa: F401
+    import speechbench.downstreams.sid  # noqa: F401

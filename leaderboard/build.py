@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from leaderboard.collect import collect_results
-from leaderboard.references import DEFAULT_REFERENCE, ReferenceSet
-from leaderboard.tables import counted_rows, format_table, wide_table, wide_to_csv
+from speechbench.leaderboard.collect import collect_results
+from speechbench.leaderboard.references import DEFAULT_REFERENCE, ReferenceSet
+from speechbench.leaderboard.tables import counted_rows, format_table, wide_table, wide_to_csv
 
 
 def build_leaderboard(results_dir: str | Path, out_csv: str | Path, reference: str | ReferenceSet | None =

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from leaderboard.columns import metric_column, metric_direction
+from speechbench.leaderboard.columns import metric_column, metric_direction
 
 log = logging.getLogger("leaderboard")
 

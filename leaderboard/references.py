@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from leaderboard.columns import column_direction
+from speechbench.leaderboard.columns import column_direction
 
 DEFAULT_REFERENCE = "superb_paper_2021"
 _INDEX = "sets.csv"
@@ -87,4 +87,4 @@ def reference_from_table(table: pd.DataFrame | str | Path, *, name: str, date: s
 
 
 def _reference_dir():
-    return resources.files("leaderboard").joinpath("reference")
+    return resources.files("speechbench.leaderboard").joinpath("reference")

@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from leaderboard.columns import column_direction, column_order
-from leaderboard.references import DEFAULT_REFERENCE, ReferenceSet, load_reference
+from speechbench.leaderboard.columns import column_direction, column_order
+from speechbench.leaderboard.references import DEFAULT_REFERENCE, ReferenceSet, load_reference
 
 log = logging.getLogger("leaderboard")
 

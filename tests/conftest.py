@@ -21,7 +21,7 @@ def session_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synth_tiny(session_cache):
     """The tiny synthetic corpus (all seven tasks), generated once per session into the session cache."""
-    from downstreams.synth.corpus import ensure_corpus
+    from speechbench.downstreams.synth.corpus import ensure_corpus
 
     return ensure_corpus("tiny", seed=0, progress=False)
 

@@ -9,13 +9,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from benchmark.config import OptimConfig, RunConfig, TrainConfig
-from benchmark.run import RunRequest, run
-from benchmark.train import DownstreamModel, train
-from downstreams.asr import ASROptions, BiLSTMCTCHead, SpecAugment, prepare
-from downstreams.data import DataError
-from downstreams.featurizer import WeightedLayerSum
-from downstreams.tasks import get_task
+from speechbench.benchmark.config import OptimConfig, RunConfig, TrainConfig
+from speechbench.benchmark.run import RunRequest, run
+from speechbench.benchmark.train import DownstreamModel, train
+from speechbench.downstreams.asr import ASROptions, BiLSTMCTCHead, SpecAugment, prepare
+from speechbench.downstreams.data import DataError
+from speechbench.downstreams.featurizer import WeightedLayerSum
+from speechbench.downstreams.tasks import get_task
 
 # (split, speaker, chapter, transcripts); "ZORKLEMPH" is not in CMUdict (PR drops those utterances)
 LIBRI = (

@@ -9,9 +9,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from benchmark.config import RunConfig
-from benchmark.run import RunRequest, run
-from downstreams.asv import (
+from speechbench.benchmark.config import RunConfig
+from speechbench.benchmark.run import RunRequest, run
+from speechbench.downstreams.asv import (
     SELECTION_RULE,
     ASVData,
     ASVOptions,
@@ -23,8 +23,8 @@ from downstreams.asv import (
     references,
     score,
 )
-from downstreams.data import DataError, Utterance
-from downstreams.tasks import PreparedData
+from speechbench.downstreams.data import DataError, Utterance
+from speechbench.downstreams.tasks import PreparedData
 
 DEV_SPEAKERS = [f"id100{k:02d}" for k in range(1, 9)]
 TEST_SPEAKERS = ["id10270", "id10271"]

@@ -7,12 +7,12 @@ import pytest
 import soundfile as sf
 import torch
 
-import benchmark.cache as cache_mod
-from benchmark.cache import FeatureCache, estimate_frames_bytes, feature_key, upstream_identity
-from benchmark.features import run_upstream
-from downstreams.data import Utterance
-from downstreams.heads import masked_mean
-from upstreams.base import UpstreamOutput
+import speechbench.benchmark.cache as cache_mod
+from speechbench.benchmark.cache import FeatureCache, estimate_frames_bytes, feature_key, upstream_identity
+from speechbench.benchmark.features import run_upstream
+from speechbench.downstreams.data import Utterance
+from speechbench.downstreams.heads import masked_mean
+from speechbench.upstreams.base import UpstreamOutput
 
 
 class HopStats(torch.nn.Module):

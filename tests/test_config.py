@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from benchmark.config import (
+from speechbench.benchmark.config import (
     ConfigError,
     RunConfig,
     apply_overrides,
@@ -13,7 +13,7 @@ from benchmark.config import (
     load_raw_recipe,
     parse_override,
 )
-from downstreams.ks import KSOptions
+from speechbench.downstreams.ks import KSOptions
 
 
 def test_shipped_recipes_parse():

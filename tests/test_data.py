@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from downstreams.data import (
+from speechbench.downstreams.data import (
     DataError,
     Utterance,
     bucket_by_duration,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmark.cli import main
-from downstreams.data import read_manifest
+from speechbench.benchmark.cli import main
+from speechbench.downstreams.data import read_manifest
 
 TINY = ["data.profile=tiny", "train.max_steps=40", "train.eval_every=20", "optim.lr=1e-2"]
 RESULT_FIELDS = {"schema_version", "upstream", "task", "recipe", "data", "split", "fold", "metric", "value", "unit",
@@ -89,7 +89,7 @@ def test_killed_run_resumes_to_the_same_accuracy(tmp_path, synth_tiny):
     args = ["run", "--upstream", "fbank_no_cmvn", "--task", "ks", "data.profile=tiny", "train.max_steps=2000",
             "train.eval_every=100", "optim.lr=1e-2"]
     env = dict(os.environ, SPEECHBENCH_THREADS="1")
-    cmd = [sys.executable, "-m", "benchmark.cli"]
+    cmd = [sys.executable, "-m", "speechbench"]
     subprocess.run([*cmd, *args, "--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
     proc = subprocess.Popen([*cmd, *args, "--out", str(tmp_path / "cut")], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from helpers import write_noise_wav
 
-from benchmark.cli import fold_means, main
-from benchmark.run import RunRequest, run
-from downstreams import er
-from downstreams.data import DataError, read_manifest
+from speechbench.benchmark.cli import fold_means, main
+from speechbench.benchmark.run import RunRequest, run
+from speechbench.downstreams import er
+from speechbench.downstreams.data import DataError, read_manifest
 
 HEADER = "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n"
 # per dialog: (turn suffix, emotion code); exc -> hap, fru/xxx/sur dropped

@@ -6,11 +6,11 @@ import pytest
 import torch
 from test_upstreams_fixtures import tiny_apc, write_wav
 
-from benchmark.cli import main
-from benchmark.extract import extract_features, load_features, load_inputs, safe_file_name
-from downstreams.data import DataError, Utterance, load_audio, write_manifest
-from upstreams.apc import APCUpstream
-from upstreams.registry import build_upstream
+from speechbench.benchmark.cli import main
+from speechbench.benchmark.extract import extract_features, load_features, load_inputs, safe_file_name
+from speechbench.downstreams.data import DataError, Utterance, load_audio, write_manifest
+from speechbench.upstreams.apc import APCUpstream, apc_s3prl_checkpoint
+from speechbench.upstreams.registry import build_upstream
 
 
 def _corpus(root):
@@ -72,7 +72,7 @@ def test_cli_extract_from_manifest_in_float16(tmp_path, capsys):
     utts = [Utterance("spk1/a", "wavs/spk1/a.wav", 1.3, "spk1", "test"),
             Utterance("odd id", "wavs/spk2/a.flac", 2.1, "spk2", "test")]
     write_manifest(tmp_path / "corpus" / "lists" / "test.jsonl", utts)  # paths relative to the corpus root
-    torch.save(__import__("upstreams.apc", fromlist=["x"]).apc_s3prl_checkpoint(tiny_apc()), tmp_path / "apc.ckpt")
+    torch.save(apc_s3prl_checkpoint(tiny_apc()), tmp_path / "apc.ckpt")
     args = ["extract", "--upstream", "apc", "--ckpt", str(tmp_path / "apc.ckpt"), "--data",
             str(tmp_path / "corpus" / "lists" / "test.jsonl"), "--out", str(tmp_path / "feats"), "--dtype", "float16"]
     assert main(args) == 0

@@ -6,9 +6,9 @@ import scipy.fft
 import torch
 from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 
-from upstreams.base import Upstream
-from upstreams.features import add_deltas, compute_deltas, kaldi_log_mel, masked_cmvn
-from upstreams.registry import build_upstream, get_upstream_entry
+from speechbench.upstreams.base import Upstream
+from speechbench.upstreams.features import add_deltas, compute_deltas, kaldi_log_mel, masked_cmvn
+from speechbench.upstreams.registry import build_upstream, get_upstream_entry
 
 SR = 16000
 EPS = float(np.finfo(np.float32).eps)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from downstreams.featurizer import WeightedLayerSum
-from downstreams.heads import UtteranceLevelHead, masked_mean
-from downstreams.metrics import accuracy_percent, majority_class_rate_percent
+from speechbench.downstreams.featurizer import WeightedLayerSum
+from speechbench.downstreams.heads import UtteranceLevelHead, masked_mean
+from speechbench.downstreams.metrics import accuracy_percent, majority_class_rate_percent
 
 
 def test_weighted_sum_starts_uniform_and_passes_single_layer():

@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import write_noise_wav
 
-from benchmark.run import RunRequest, run
-from downstreams import ic
-from downstreams.data import DataError, Utterance
-from downstreams.tasks import PreparedData
+from speechbench.benchmark.run import RunRequest, run
+from speechbench.downstreams import ic
+from speechbench.downstreams.data import DataError, Utterance
+from speechbench.downstreams.tasks import PreparedData
 
 # (action, object, location) per training utterance; test holds one object never seen in training
 TRAIN_INTENTS = [("activate", "lights", "kitchen"), ("deactivate", "lights", "none"), ("increase", "heat", "none"),

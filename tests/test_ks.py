@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 from helpers import write_noise_wav
 
-from downstreams.data import DataError
-from downstreams.ks import CLASSES, WORDS, prepare_real
+from speechbench.downstreams.data import DataError
+from speechbench.downstreams.ks import CLASSES, WORDS, prepare_real
 
 EXTRA_WORDS = ("bed", "cat")
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from leaderboard.build import build_leaderboard, long_csv_path
-from leaderboard.collect import NoResultsError, collect_results
-from leaderboard.references import load_reference, reference_from_table
-from leaderboard.tables import SYNTH_FOOTER, format_table, read_wide_csv, wide_table
+from speechbench.leaderboard.build import build_leaderboard, long_csv_path
+from speechbench.leaderboard.collect import NoResultsError, collect_results
+from speechbench.leaderboard.references import load_reference, reference_from_table
+from speechbench.leaderboard.tables import SYNTH_FOOTER, format_table, read_wide_csv, wide_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

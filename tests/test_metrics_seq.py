@@ -5,14 +5,14 @@ import pytest
 import torch
 from sklearn.metrics import roc_curve
 
-from downstreams.ctc import CTCOutput, ctc_loss, greedy_collapse, greedy_decode
-from downstreams.metrics import (
+from speechbench.downstreams.ctc import CTCOutput, ctc_loss, greedy_collapse, greedy_decode
+from speechbench.downstreams.metrics import (
     equal_error_rate_percent,
     min_dcf,
     token_error_rate_percent,
     word_error_rate_percent,
 )
-from downstreams.text import (
+from speechbench.downstreams.text import (
     CHAR_VOCAB,
     CMU_PHONES,
     Vocabulary,

@@ -6,12 +6,12 @@ import pytest
 import torch
 from test_asr import make_librispeech
 
-from benchmark.config import RunConfig
-from benchmark.run import RunRequest, run
-from downstreams.data import DataError
-from downstreams.pr import LinearCTCHead, PROptions, prepare
-from downstreams.tasks import get_task
-from downstreams.text import CMU_PHONES, Vocabulary
+from speechbench.benchmark.config import RunConfig
+from speechbench.benchmark.run import RunRequest, run
+from speechbench.downstreams.data import DataError
+from speechbench.downstreams.pr import LinearCTCHead, PROptions, prepare
+from speechbench.downstreams.tasks import get_task
+from speechbench.downstreams.text import CMU_PHONES, Vocabulary
 
 SMALL_PR = ("train.max_steps=4", "train.eval_every=2", "train.batch_size=4", "task_options.project_dim=16")
 
@@ -81,7 +81,7 @@ def test_short_run_records_phone_set_and_oov_counts(tmp_path, monkeypatch):
 
 
 def test_short_run_on_the_synthetic_corpus_uses_the_synthesiser_phone_set(tmp_path, synth_tiny):
-    from downstreams.synth.corpus import PHONE_SET
+    from speechbench.downstreams.synth.corpus import PHONE_SET
 
     (result,) = run(RunRequest(upstream="fbank_no_cmvn", task="pr", out_dir=str(tmp_path),
                                overrides=("data.profile=tiny",) + SMALL_PR))

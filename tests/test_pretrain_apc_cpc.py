@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-import upstreams.pretrain.apc  # noqa: F401  (registration)
-import upstreams.pretrain.cpc  # noqa: F401  (registration)
-from upstreams.pretrain.apc import apc_loss
-from upstreams.pretrain.base import OBJECTIVES
-from upstreams.pretrain.cpc import info_nce, sample_negatives
-from upstreams.registry import build_upstream
+import speechbench.upstreams.pretrain.apc  # noqa: F401  (registration)
+import speechbench.upstreams.pretrain.cpc  # noqa: F401  (registration)
+from speechbench.upstreams.pretrain.apc import apc_loss
+from speechbench.upstreams.pretrain.base import OBJECTIVES
+from speechbench.upstreams.pretrain.cpc import info_nce, sample_negatives
+from speechbench.upstreams.registry import build_upstream
 
 
 @pytest.fixture(autouse=True)

@@ -8,16 +8,16 @@ import pytest
 import torch
 from helpers import train_on_fixed_batch
 
-from upstreams.hf import HF_NORM_EPS, normalize_waveforms
-from upstreams.pretrain.base import OBJECTIVES
-from upstreams.pretrain.hubert import (
+from speechbench.upstreams.hf import HF_NORM_EPS, normalize_waveforms
+from speechbench.upstreams.pretrain.base import OBJECTIVES
+from speechbench.upstreams.pretrain.hubert import (
     HubertModelOptions,
     HubertObjectiveOptions,
     build,
     mfcc_features,
 )
-from upstreams.pretrain.kmeans import assign_clusters, fit_kmeans
-from upstreams.registry import build_upstream
+from speechbench.upstreams.pretrain.kmeans import assign_clusters, fit_kmeans
+from speechbench.upstreams.registry import build_upstream
 
 # a very small model for the mechanics tests (the default bundled size is used for learning and export)
 MICRO = HubertModelOptions(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

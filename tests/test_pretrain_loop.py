@@ -7,12 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.cli import main
-from benchmark.pretrain import resolve_pretrain_config
-from upstreams.checkpoints import CheckpointError
-from upstreams.pretrain.base import get_objective
-from upstreams.pretrain.loop import AudioSource, PretrainOptim, PretrainTrain, draw_batch, lr_factor, pretrain
-from upstreams.registry import build_upstream
+from speechbench.benchmark.cli import main
+from speechbench.benchmark.pretrain import resolve_pretrain_config
+from speechbench.upstreams.checkpoints import CheckpointError
+from speechbench.upstreams.pretrain.base import get_objective
+from speechbench.upstreams.pretrain.loop import (
+    AudioSource,
+    PretrainOptim,
+    PretrainTrain,
+    draw_batch,
+    lr_factor,
+    pretrain,
+)
+from speechbench.upstreams.registry import build_upstream
 
 # tiny sizes so that a run takes seconds; the architecture stays the family's
 SMALL = {
@@ -154,8 +161,8 @@ def test_shipped_recipes_parse():
 
 
 def test_bundled_upstreams_load_and_match_their_cards():
-    from upstreams.checkpoints import sha256_file
-    from upstreams.registry import BUNDLED_DIR, load_cards
+    from speechbench.upstreams.checkpoints import sha256_file
+    from speechbench.upstreams.registry import BUNDLED_DIR, load_cards
 
     cards = {name: card for name, card in load_cards().items() if card.source.startswith("bundled:")}
     expected = {f"{f}-synth{s}" for f in ("apc", "cpc", "wav2vec2", "hubert") for s in ("", "-random")}

@@ -9,9 +9,9 @@ import torch
 from helpers import train_on_fixed_batch
 from transformers import Wav2Vec2Model
 
-from upstreams.hf import HF_NORM_EPS, normalize_waveforms
-from upstreams.pretrain.base import OBJECTIVES
-from upstreams.pretrain.wav2vec2 import (
+from speechbench.upstreams.hf import HF_NORM_EPS, normalize_waveforms
+from speechbench.upstreams.pretrain.base import OBJECTIVES
+from speechbench.upstreams.pretrain.wav2vec2 import (
     Wav2Vec2ModelOptions,
     Wav2Vec2ObjectiveOptions,
     build,
@@ -22,7 +22,7 @@ from upstreams.pretrain.wav2vec2 import (
     span_mask,
     spans_from_starts,
 )
-from upstreams.registry import build_upstream
+from speechbench.upstreams.registry import build_upstream
 
 # a very small model for the fast mechanics tests (the default bundled size is used for learning and export)
 MICRO = Wav2Vec2ModelOptions(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from helpers import write_noise_wav
 
-from benchmark.run import RunRequest, run
-from downstreams import sid
-from downstreams.data import DataError
+from speechbench.benchmark.run import RunRequest, run
+from speechbench.downstreams import sid
+from speechbench.downstreams.data import DataError
 
 SPEAKERS = ("id10001", "id10002", "id10003")
 

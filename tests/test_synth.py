@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from downstreams.data import DataError, read_manifest
-from downstreams.synth import corpus as synth_corpus
-from downstreams.synth.corpus import (
+from speechbench.downstreams.data import DataError, read_manifest
+from speechbench.downstreams.synth import corpus as synth_corpus
+from speechbench.downstreams.synth.corpus import (
     CORPUS_VERSION,
     PHONE_SET,
     PROFILES,
@@ -23,8 +23,8 @@ from downstreams.synth.corpus import (
     ensure_corpus,
     generate_corpus,
 )
-from downstreams.synth.espeak import Espeak
-from downstreams.synth.lexicon import KS_CLASSES
+from speechbench.downstreams.synth.espeak import Espeak
+from speechbench.downstreams.synth.lexicon import KS_CLASSES
 
 MANIFESTS = {
     "ks": ("train", "dev", "test"), "ic": ("train", "dev", "test"), "er": ("utterances",),
@@ -197,7 +197,7 @@ def _band_ratio_db(x: np.ndarray) -> float:
 
 
 def test_emotions_change_voice_quality_relative_to_the_speaker(tiny):
-    from downstreams.synth.tasks import plan_er
+    from speechbench.downstreams.synth.tasks import plan_er
 
     # the offsets ride on each speaker's own baseline: neutral itself differs between speakers
     neutral = {j.speaker.id: j.prosody for j in plan_er(PROFILES["tiny"], 0).jobs if j.labels["emotion"] == "neu"}

@@ -5,13 +5,13 @@ import dataclasses
 import pytest
 import torch
 
-from benchmark.config import RunConfig, TrainConfig
-from benchmark.features import PooledFeatures
-from benchmark.train import BatchSchedule, DownstreamModel, evaluate, train
-from downstreams.featurizer import WeightedLayerSum
-from downstreams.heads import UtteranceLevelHead
-from downstreams.ks import KSOptions
-from downstreams.tasks import Task
+from speechbench.benchmark.config import RunConfig, TrainConfig
+from speechbench.benchmark.features import PooledFeatures
+from speechbench.benchmark.train import BatchSchedule, DownstreamModel, evaluate, train
+from speechbench.downstreams.featurizer import WeightedLayerSum
+from speechbench.downstreams.heads import UtteranceLevelHead
+from speechbench.downstreams.ks import KSOptions
+from speechbench.downstreams.tasks import Task
 
 
 class Interrupt(Exception):

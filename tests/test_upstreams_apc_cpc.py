@@ -8,10 +8,10 @@ import pytest
 import torch
 from test_upstreams_fixtures import padded_batch, speechlike, tiny_apc, tiny_cpc
 
-from upstreams.apc import APCUpstream, apc_s3prl_checkpoint
-from upstreams.checkpoints import CheckpointError, save_speechbench_checkpoint, sha256_file
-from upstreams.cpc import CONV_SPECS, CPCUpstream, cpc_s3prl_checkpoint
-from upstreams.registry import build_upstream
+from speechbench.upstreams.apc import APCUpstream, apc_s3prl_checkpoint
+from speechbench.upstreams.checkpoints import CheckpointError, save_speechbench_checkpoint, sha256_file
+from speechbench.upstreams.cpc import CONV_SPECS, CPCUpstream, cpc_s3prl_checkpoint
+from speechbench.upstreams.registry import build_upstream
 
 LENGTHS = [16000, 9377, 2500, 300]
 
@@ -41,7 +41,7 @@ def _kaldi_fbank_hamming_reference(wav: np.ndarray, num_bins: int = 80) -> np.nd
 
 
 def test_apc_features_match_s3prl_fbank_with_cmvn():
-    from upstreams.apc import apc_features
+    from speechbench.upstreams.apc import apc_features
 
     up = APCUpstream(tiny_apc())
     wav = speechlike(4000, 5)
@@ -68,7 +68,7 @@ def test_apc_s3prl_checkpoint_loads_and_matches_its_module(tmp_path):
         torch.testing.assert_close(ours.hidden, expected.hidden)
         # layer outputs are the GRU stack's, residual from the second layer on, as s3prl's hooks expose them
         feats = torch.zeros(1, int(ours.lengths[0]), 80)
-        from upstreams.apc import apc_features
+        from speechbench.upstreams.apc import apc_features
 
         feats, _ = apc_features(wavs[:1], lengths[:1], model.config, ref.window, ref.mel_banks)
         h1, _ = model.rnn_layers[0](feats)

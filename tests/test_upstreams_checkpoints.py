@@ -8,10 +8,10 @@ import pytest
 import torch
 from test_upstreams_fixtures import tiny_apc
 
-from benchmark.cli import main
-from upstreams.apc import apc_s3prl_checkpoint
-from upstreams.checkpoints import CheckpointError, UnsafeCheckpointError, safe_torch_load
-from upstreams.registry import UnknownUpstreamError, build_upstream, list_upstreams, load_cards
+from speechbench.benchmark.cli import main
+from speechbench.upstreams.apc import apc_s3prl_checkpoint
+from speechbench.upstreams.checkpoints import CheckpointError, UnsafeCheckpointError, safe_torch_load
+from speechbench.upstreams.registry import UnknownUpstreamError, build_upstream, list_upstreams, load_cards
 
 
 class Exploit:

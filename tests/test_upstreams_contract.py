@@ -6,12 +6,12 @@ import pytest
 import torch
 from test_upstreams_fixtures import tiny_apc, tiny_cpc, tiny_hf_model
 
-from benchmark.check_upstream import check_upstream
-from benchmark.cli import main
-from upstreams.apc import apc_s3prl_checkpoint
-from upstreams.base import UPSTREAMS, UpstreamEntry, UpstreamOutput
-from upstreams.cpc import cpc_s3prl_checkpoint
-from upstreams.registry import build_upstream
+from speechbench.benchmark.check_upstream import check_upstream
+from speechbench.benchmark.cli import main
+from speechbench.upstreams.apc import apc_s3prl_checkpoint
+from speechbench.upstreams.base import UPSTREAMS, UpstreamEntry, UpstreamOutput
+from speechbench.upstreams.cpc import cpc_s3prl_checkpoint
+from speechbench.upstreams.registry import build_upstream
 
 SHORT = "3"  # seconds of the long-input check in the CLI runs below (30 s is exercised in test_check_passes...)
 
@@ -59,7 +59,7 @@ def test_cli_prints_pass_lines_and_exit_codes(checkpoints, capsys, monkeypatch):
 def test_every_upstream_runs_ks_with_weighted_sum_and_single_layer(kind, checkpoints, tmp_path, monkeypatch):
     from test_ks import make_speech_commands
 
-    from benchmark.run import RunRequest, run
+    from speechbench.benchmark.run import RunRequest, run
 
     monkeypatch.setenv("SPEECHBENCH_CACHE", str(tmp_path / "cache"))
     root, _ = make_speech_commands(tmp_path / "data")

@@ -147,21 +147,21 @@ def write_fairseq_checkpoint(path: Path, model, family: str, normalize: bool, st
 
 
 def tiny_apc(seed: int = 0):
-    from upstreams.apc import APC, APCConfig
+    from speechbench.upstreams.apc import APC, APCConfig
 
     torch.manual_seed(seed)
     return jitter(APC(APCConfig(hidden_size=32, num_layers=3)).eval(), seed)
 
 
 def tiny_cpc(seed: int = 0):
-    from upstreams.cpc import CPCConfig, CPCModel
+    from speechbench.upstreams.cpc import CPCConfig, CPCModel
 
     torch.manual_seed(seed)
     return jitter(CPCModel(CPCConfig(hidden_encoder=32, hidden_gar=32, n_levels_gru=2)).eval(), seed)
 
 
 def speechlike(num_samples: int, seed: int) -> torch.Tensor:
-    from benchmark.check_upstream import probe_signal
+    from speechbench.benchmark.check_upstream import probe_signal
 
     return probe_signal(num_samples, seed)
 

@@ -12,9 +12,9 @@ from test_upstreams_fixtures import (
     write_fairseq_checkpoint,
 )
 
-from upstreams.checkpoints import sha256_file
-from upstreams.hf import FAIRSEQ_NORM_EPS, HF_NORM_EPS, HFUpstream, save_hf_checkpoint
-from upstreams.registry import build_upstream
+from speechbench.upstreams.checkpoints import sha256_file
+from speechbench.upstreams.hf import FAIRSEQ_NORM_EPS, HF_NORM_EPS, HFUpstream, save_hf_checkpoint
+from speechbench.upstreams.registry import build_upstream
 
 CASES = [("wav2vec2", False), ("hubert", False), ("wav2vec2", True), ("hubert", True)]
 LENGTHS = [9000, 5123, 2400]
@@ -97,7 +97,7 @@ def test_group_norm_models_are_exact_with_or_without_the_masked_norm_hook():
 def test_normalisation_matches_hf_feature_extractor():
     from transformers import Wav2Vec2FeatureExtractor
 
-    from upstreams.hf import normalize_waveforms
+    from speechbench.upstreams.hf import normalize_waveforms
 
     wavs, lengths = padded_batch([4000, 2500])
     ours = normalize_waveforms(wavs * 3 + 0.2, lengths, HF_NORM_EPS)
@@ -155,15 +155,15 @@ def test_family_name_with_ckpt_checks_the_family(tmp_path):
     model.save_pretrained(tmp_path / "w2v")
     up = build_upstream("wav2vec2", ckpt=str(tmp_path / "w2v"))
     assert up.name == "wav2vec2" and up.family == "wav2vec2"
-    from upstreams.checkpoints import CheckpointError
+    from speechbench.upstreams.checkpoints import CheckpointError
 
     with pytest.raises(CheckpointError, match=r"holds a wav2vec2 model, but --upstream hubert is a hubert upstream"):
         build_upstream("hubert", ckpt=str(tmp_path / "w2v"))
 
 
 def test_conv_key_map_and_safe_conv_spec_parser():
-    from upstreams.checkpoints import CheckpointError
-    from upstreams.fairseq_convert import map_key, parse_conv_layers
+    from speechbench.upstreams.checkpoints import CheckpointError
+    from speechbench.upstreams.fairseq_convert import map_key, parse_conv_layers
 
     assert parse_conv_layers("[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2")[-1] == (512, 2, 2)
     with pytest.raises(CheckpointError, match="cannot parse"):

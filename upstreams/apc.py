@@ -27,9 +27,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from upstreams.base import UpstreamOutput, freeze
-from upstreams.checkpoints import CheckpointError
-from upstreams.features import frame_waves, kaldi_mel_banks, kaldi_power_spectrum, length_mask, log_mel_from_power
+from speechbench.upstreams.base import UpstreamOutput, freeze
+from speechbench.upstreams.checkpoints import CheckpointError
+from speechbench.upstreams.features import (
+    frame_waves,
+    kaldi_mel_banks,
+    kaldi_power_spectrum,
+    length_mask,
+    log_mel_from_power,
+)
 
 SAMPLE_RATE = 16000
 CMVN_EPS = 1e-10
@@ -193,7 +199,7 @@ def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
 def apc_from_s3prl(payload: Mapping, name: str, source: str, checkpoint_format: str = "s3prl",
                    sha256: str | None = None) -> APCUpstream:
     """From an s3prl APC checkpoint dict ``{"config", "model"}``."""
-    from upstreams.checkpoints import to_plain
+    from speechbench.upstreams.checkpoints import to_plain
 
     model = APC(APCConfig.from_s3prl(to_plain(payload["config"])))
     _load_state(model, payload["model"], source)

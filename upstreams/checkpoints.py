@@ -274,7 +274,7 @@ def _detect_directory(path: Path) -> DetectedCheckpoint:
 
 
 def _fairseq_family(payload: Mapping) -> str | None:
-    from upstreams.fairseq_convert import fairseq_family
+    from speechbench.upstreams.fairseq_convert import fairseq_family
 
     return fairseq_family(payload)
 

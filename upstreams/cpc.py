@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from upstreams.base import UpstreamOutput, freeze
-from upstreams.checkpoints import CheckpointError
+from speechbench.upstreams.base import UpstreamOutput, freeze
+from speechbench.upstreams.checkpoints import CheckpointError
 
 SAMPLE_RATE = 16000
 CONV_SPECS = ((10, 5, 3), (8, 4, 2), (4, 2, 1), (4, 2, 1), (4, 2, 1))  # (kernel, stride, padding)
@@ -209,7 +209,7 @@ def _load_state(model: CPCModel, state: Mapping[str, torch.Tensor], source: str,
 
 def cpc_from_s3prl(payload: Mapping, name: str, source: str, sha256: str | None = None) -> CPCUpstream:
     """From a libri-light/s3prl CPC checkpoint ``{"config", "weights"}`` (extra keys ignored, as s3prl does)."""
-    from upstreams.checkpoints import to_plain
+    from speechbench.upstreams.checkpoints import to_plain
 
     model = CPCModel(CPCConfig.from_s3prl(to_plain(payload["config"])))
     _load_state(model, payload["weights"], source, strict=False)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from upstreams.checkpoints import CheckpointError, to_plain
+from speechbench.upstreams.checkpoints import CheckpointError, to_plain
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from upstreams.base import UpstreamOutput, freeze, register_upstream
-from upstreams.features import (
+from speechbench.upstreams.base import UpstreamOutput, freeze, register_upstream
+from speechbench.upstreams.features import (
     FRAME_LENGTH,
     FRAME_SHIFT,
     add_deltas,

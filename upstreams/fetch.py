@@ -23,7 +23,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from upstreams.checkpoints import CheckpointError
+from speechbench.upstreams.checkpoints import CheckpointError
 
 log = logging.getLogger("speechbench")
 

@@ -47,8 +47,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from upstreams.base import UpstreamOutput, freeze
-from upstreams.checkpoints import CheckpointError, DetectedCheckpoint, sha256_file, weight_file, write_speechbench_json
+from speechbench.upstreams.base import UpstreamOutput, freeze
+from speechbench.upstreams.checkpoints import (
+    CheckpointError,
+    DetectedCheckpoint,
+    sha256_file,
+    weight_file,
+    write_speechbench_json,
+)
 
 log = logging.getLogger("speechbench")
 
@@ -244,7 +250,7 @@ def load_hf_directory(path: str | os.PathLike, name: str, checkpoint_format: str
 
 def load_fairseq(detected: DetectedCheckpoint, name: str) -> HFUpstream:
     """An upstream from a fairseq or s3prl-converted wav2vec2/HuBERT pickle, converted by the key map."""
-    from upstreams.fairseq_convert import fairseq_to_hf_model
+    from speechbench.upstreams.fairseq_convert import fairseq_to_hf_model
 
     model, normalize = fairseq_to_hf_model(detected.payload, detected.family, str(detected.path))
     log.info("%s: converted %s to transformers (%d layers, %d-d), waveform normalisation %s (task.normalize)",

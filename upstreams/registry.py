@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from upstreams import fbank  # noqa: F401  (registers fbank, fbank_no_cmvn, mfcc)
-from upstreams.base import UPSTREAMS, Upstream, UpstreamEntry
-from upstreams.checkpoints import FAMILIES, CheckpointError, DetectedCheckpoint, detect_checkpoint
+from speechbench.upstreams import fbank  # noqa: F401  (registers fbank, fbank_no_cmvn, mfcc)
+from speechbench.upstreams.base import UPSTREAMS, Upstream, UpstreamEntry
+from speechbench.upstreams.checkpoints import FAMILIES, CheckpointError, DetectedCheckpoint, detect_checkpoint
 
 log = logging.getLogger("speechbench")
 
@@ -106,20 +106,20 @@ def upstream_from_checkpoint(detected: DetectedCheckpoint, name: str) -> Upstrea
     """Build the upstream of a detected checkpoint (any format, any family)."""
     family, fmt, path = detected.family, detected.format, detected.path
     if family in ("wav2vec2", "hubert"):
-        from upstreams.hf import load_fairseq, load_hf_directory
+        from speechbench.upstreams.hf import load_fairseq, load_hf_directory
 
         if fmt in ("hf-dir", "speechbench"):
             return load_hf_directory(path, name, fmt, detected.sha256, detected.info)
         return load_fairseq(detected, name)
-    from upstreams.checkpoints import load_speechbench_checkpoint
+    from speechbench.upstreams.checkpoints import load_speechbench_checkpoint
 
     if family == "apc":
-        from upstreams.apc import apc_from_ours, apc_from_s3prl
+        from speechbench.upstreams.apc import apc_from_ours, apc_from_s3prl
 
         if fmt == "speechbench":
             return apc_from_ours(*load_speechbench_checkpoint(path), name, str(path), detected.sha256)
         return apc_from_s3prl(detected.payload, name, str(path), fmt, detected.sha256)
-    from upstreams.cpc import cpc_from_ours, cpc_from_s3prl
+    from speechbench.upstreams.cpc import cpc_from_ours, cpc_from_s3prl
 
     if fmt == "speechbench":
         return cpc_from_ours(*load_speechbench_checkpoint(path), name, str(path), detected.sha256)
@@ -127,7 +127,7 @@ def upstream_from_checkpoint(detected: DetectedCheckpoint, name: str) -> Upstrea
 
 
 def _card_source(card: Card) -> Path:
-    from upstreams.fetch import hub_directory, url_file
+    from speechbench.upstreams.fetch import hub_directory, url_file
 
     if card.source.startswith("bundled:"):
         path = BUNDLED_DIR / card.source[len("bundled:"):]
@@ -155,7 +155,7 @@ def build_upstream(name_or_path: str, ckpt: str | None = None, trust_checkpoint:
     """
     text = str(name_or_path)
     if text.startswith("s3prl:"):
-        from upstreams.s3prl_bridge import build_s3prl_upstream
+        from speechbench.upstreams.s3prl_bridge import build_s3prl_upstream
 
         return build_s3prl_upstream(text[len("s3prl:"):], ckpt)
     cards = load_cards()
@@ -184,7 +184,7 @@ def build_upstream(name_or_path: str, ckpt: str | None = None, trust_checkpoint:
     path = Path(text).expanduser()
     if path.exists():
         return upstream_from_checkpoint(detect_checkpoint(path, trust_checkpoint), text)
-    from upstreams.fetch import hub_directory, looks_like_hub_id
+    from speechbench.upstreams.fetch import hub_directory, looks_like_hub_id
 
     if text.startswith("hf:") or looks_like_hub_id(text):
         repo = text[3:] if text.startswith("hf:") else text

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from upstreams.base import UpstreamOutput, freeze
-from upstreams.checkpoints import CheckpointError
+from speechbench.upstreams.base import UpstreamOutput, freeze
+from speechbench.upstreams.checkpoints import CheckpointError
 
 INSTALL_HINT = ("pip install 'speechbench[s3prl]' (s3prl needs a torch/torchaudio pair it supports: "
                 "torchaudio <= 2.8, with its matching torch)")

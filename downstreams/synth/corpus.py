@@ -31,13 +31,13 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from downstreams.data import DataError, Utterance, atomic_write_text, write_manifest
-from downstreams.synth.espeak import EspeakError
-from downstreams.synth.phones import PHONE_SET  # noqa: F401  (re-exported: the PR task's symbol inventory)
-from downstreams.synth.pool import run_chunks
-from downstreams.synth.render import SAMPLE_RATE, render_chunk, render_to_file
-from downstreams.synth.tasks import PLANNERS, TASKS, Job, Plan, Profile, Sizes
-from downstreams.synth.voices import check_variants
+from speechbench.downstreams.data import DataError, Utterance, atomic_write_text, write_manifest
+from speechbench.downstreams.synth.espeak import EspeakError
+from speechbench.downstreams.synth.phones import PHONE_SET  # noqa: F401  (re-exported: the PR task's symbol inventory)
+from speechbench.downstreams.synth.pool import run_chunks
+from speechbench.downstreams.synth.render import SAMPLE_RATE, render_chunk, render_to_file
+from speechbench.downstreams.synth.tasks import PLANNERS, TASKS, Job, Plan, Profile, Sizes
+from speechbench.downstreams.synth.voices import check_variants
 
 log = logging.getLogger("speechbench.synth")
 
@@ -138,7 +138,7 @@ def _deduplicate(root: Path, jobs: list[Job], seed: int, results: dict) -> int:
     """Re-render (with fresh jitter) any utterance whose clean speech equals an earlier one; returns how many."""
     from dataclasses import replace
 
-    from downstreams.synth.espeak import Espeak
+    from speechbench.downstreams.synth.espeak import Espeak
 
     seen: set[str] = set()
     redone = 0

@@ -52,7 +52,7 @@ def run_chunks(chunks: Sequence[Any], workers: int, on_result: Callable[[Any], N
     for i in range(len(chunks)):
         todo.put(i)
     done: queue.Queue[tuple[str, Any]] = queue.Queue()
-    procs = [subprocess.Popen([sys.executable, "-m", "downstreams.synth.pool"], stdin=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-m", "speechbench.downstreams.synth.pool"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, env=_worker_env()) for _ in range(min(workers, len(chunks)))]
 
     def drive(proc: subprocess.Popen) -> None:
@@ -107,7 +107,7 @@ def main() -> None:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     inp = sys.stdin.buffer
-    from downstreams.synth.render import render_chunk
+    from speechbench.downstreams.synth.render import render_chunk
 
     while True:
         try:

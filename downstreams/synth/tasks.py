@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from downstreams.synth import lexicon
-from downstreams.synth.voices import Speaker, sample_speakers, twin_of
+from speechbench.downstreams.synth import lexicon
+from speechbench.downstreams.synth.voices import Speaker, sample_speakers, twin_of
 
 TASKS = ("ks", "ic", "er", "sid", "asv", "asr")  # PR reads the ASR manifests
 TASK_CODES = {t: i + 1 for i, t in enumerate(TASKS)}  # stable integers for seeding

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from downstreams.synth.espeak import data_path
+from speechbench.downstreams.synth.espeak import data_path
 
 # The eight English accents of espeak-ng (lang/gmw/en*), by voice name.
 ACCENTS = ("en", "en-us", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc")

@@ -53,7 +53,7 @@ def make_hubert_base(path: Path) -> None:
     import torch
     from transformers import HubertConfig, HubertModel
 
-    from upstreams.hf import save_hf_checkpoint
+    from speechbench.upstreams.hf import save_hf_checkpoint
 
     torch.manual_seed(0)
     save_hf_checkpoint(HubertModel(HubertConfig()), path, normalize=False)  # HubertConfig() is Base-sized

@@ -65,8 +65,8 @@ def main() -> None:
 
     from transformers import HubertConfig, HubertModel
 
-    from benchmark.extract import extract_features, load_inputs
-    from upstreams.hf import HFUpstream
+    from speechbench.benchmark.extract import extract_features, load_inputs
+    from speechbench.upstreams.hf import HFUpstream
 
     torch.manual_seed(0)
     model = HubertModel(HubertConfig()).eval()  # Base: 12 layers, 768-d, group norm, no attention mask

@@ -27,7 +27,7 @@ def run_all(upstreams: list[str], tasks: list[str], results: Path, overrides: li
     for task in tasks:
         for upstream in upstreams:
             t0 = time.perf_counter()
-            cmd = [sys.executable, "-m", "benchmark.cli", "run", "--upstream", upstream, "--task", task, "--out",
+            cmd = [sys.executable, "-m", "speechbench", "run", "--upstream", upstream, "--task", task, "--out",
                    str(results), *overrides]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             tail = (proc.stdout.strip().splitlines() or [""])[-1]
@@ -38,7 +38,7 @@ def run_all(upstreams: list[str], tasks: list[str], results: Path, overrides: li
 
 def compare(wide, tasks: list[str]) -> bool:
     """Print pretrained vs random per family and task; True when every family wins on KS."""
-    from leaderboard.columns import column_direction
+    from speechbench.leaderboard.columns import column_direction
 
     by_name = {row["upstream"]: row for _, row in wide.iterrows()}
     columns = [c for c in wide.columns if c.split("_", 1)[0].lower() in tasks and column_direction(c) is not None
@@ -76,7 +76,7 @@ def main() -> None:
     out = Path(args.out)
     run_all(upstreams, tasks, out / "results", args.overrides)
 
-    from leaderboard.build import build_leaderboard
+    from speechbench.leaderboard.build import build_leaderboard
 
     wide, _, text = build_leaderboard(out / "results", out / "leaderboard.csv", reference=None)
     print(text)

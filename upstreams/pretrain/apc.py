@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from upstreams.apc import APC, SAMPLE_RATE, APCConfig, apc_features, n_fft_for
-from upstreams.checkpoints import save_speechbench_checkpoint
-from upstreams.features import kaldi_mel_banks, length_mask
-from upstreams.pretrain.base import Objective, ObjectiveOutput, register_objective
+from speechbench.upstreams.apc import APC, SAMPLE_RATE, APCConfig, apc_features, n_fft_for
+from speechbench.upstreams.checkpoints import save_speechbench_checkpoint
+from speechbench.upstreams.features import kaldi_mel_banks, length_mask
+from speechbench.upstreams.pretrain.base import Objective, ObjectiveOutput, register_objective
 
 
 @dataclass(frozen=True)

@@ -78,5 +78,5 @@ def get_objective(family: str) -> ObjectiveEntry:
     """The registered objective of ``family`` (its module is imported on first use)."""
     if family not in FAMILIES:
         raise KeyError(f"unknown pretraining model {family!r}; available: {', '.join(FAMILIES)}")
-    importlib.import_module(f"upstreams.pretrain.{family}")
+    importlib.import_module(f"speechbench.upstreams.pretrain.{family}")
     return OBJECTIVES[family]

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from upstreams.checkpoints import save_speechbench_checkpoint
-from upstreams.cpc import MIN_SAMPLES, CPCConfig, CPCModel
-from upstreams.features import length_mask
-from upstreams.pretrain.base import Objective, ObjectiveOutput, register_objective
+from speechbench.upstreams.checkpoints import save_speechbench_checkpoint
+from speechbench.upstreams.cpc import MIN_SAMPLES, CPCConfig, CPCModel
+from speechbench.upstreams.features import length_mask
+from speechbench.upstreams.pretrain.base import Objective, ObjectiveOutput, register_objective
 
 
 @dataclass(frozen=True)

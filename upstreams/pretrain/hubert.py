@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from upstreams.features import (
+from speechbench.upstreams.features import (
     FRAME_LENGTH,
     add_deltas,
     cepstral_lifter,
@@ -50,11 +50,17 @@ from upstreams.features import (
     log_mel_from_power,
     povey_window,
 )
-from upstreams.hf import HF_NORM_EPS, normalize_waveforms, save_hf_checkpoint
-from upstreams.pretrain.base import Objective, ObjectiveOutput, register_objective
-from upstreams.pretrain.kmeans import KMeansSettings, assign_clusters, cluster_usage, feature_stats, fit_kmeans
-from upstreams.pretrain.transformer import TransformerOptions, config_kwargs
-from upstreams.pretrain.wav2vec2 import conv_frames, span_mask
+from speechbench.upstreams.hf import HF_NORM_EPS, normalize_waveforms, save_hf_checkpoint
+from speechbench.upstreams.pretrain.base import Objective, ObjectiveOutput, register_objective
+from speechbench.upstreams.pretrain.kmeans import (
+    KMeansSettings,
+    assign_clusters,
+    cluster_usage,
+    feature_stats,
+    fit_kmeans,
+)
+from speechbench.upstreams.pretrain.transformer import TransformerOptions, config_kwargs
+from speechbench.upstreams.pretrain.wav2vec2 import conv_frames, span_mask
 
 MFCC_DIM = 39  # 13 cepstra + deltas + delta-deltas
 DEFAULT_CLUSTERS = {1: 50, 2: 100}  # fairseq Base: 100 and 500, for 960 h; ours are a few hours of synthetic speech
@@ -313,7 +319,7 @@ def teacher_fingerprint(teacher: nn.Module | None) -> int:
 
 def load_teacher(teacher: str, layer: int | None, downsample_rate: int) -> tuple[nn.Module, int]:
     """The frozen iteration-1 upstream and the validated hidden-state index (default: the middle one)."""
-    from upstreams.registry import build_upstream
+    from speechbench.upstreams.registry import build_upstream
 
     upstream = build_upstream(teacher)
     num_layers = int(upstream.num_layers)

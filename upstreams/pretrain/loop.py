@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from upstreams.checkpoints import CheckpointError
-from upstreams.pretrain.base import Objective
+from speechbench.upstreams.checkpoints import CheckpointError
+from speechbench.upstreams.pretrain.base import Objective
 
 log = logging.getLogger("speechbench")
 

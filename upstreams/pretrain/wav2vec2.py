@@ -46,9 +46,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from upstreams.hf import HF_NORM_EPS, normalize_waveforms, save_hf_checkpoint
-from upstreams.pretrain.base import Objective, ObjectiveOutput, register_objective
-from upstreams.pretrain.transformer import TransformerOptions, config_kwargs
+from speechbench.upstreams.hf import HF_NORM_EPS, normalize_waveforms, save_hf_checkpoint
+from speechbench.upstreams.pretrain.base import Objective, ObjectiveOutput, register_objective
+from speechbench.upstreams.pretrain.transformer import TransformerOptions, config_kwargs
 
 
 @dataclass(frozen=True)
