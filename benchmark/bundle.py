@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from speechbench.upstreams.checkpoints import sha256_file
+from speechbench.common import sha256_file
 from speechbench.upstreams.registry import BUNDLED_DIR, CARDS_DIR
 
 FAMILIES = ("apc", "cpc", "wav2vec2", "hubert")

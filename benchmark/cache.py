@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +27,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from speechbench.benchmark.features import upstream_hidden
-from speechbench.downstreams.data import Utterance, atomic_path, atomic_write_text, bucket_by_duration
+from speechbench.common import atomic_path, atomic_write_text, sha256_file
+from speechbench.common import cache_root as common_cache_root
+from speechbench.downstreams.data import Utterance, bucket_by_duration
 from speechbench.upstreams.base import Upstream
 
 log = logging.getLogger("speechbench")
@@ -39,8 +40,8 @@ GRANULARITIES = ("pooled", "frames")
 
 
 def cache_root() -> Path:
-    base = os.environ.get("SPEECHBENCH_CACHE") or Path.home() / ".cache" / "speechbench"
-    return Path(base) / "features"
+    """``<speechbench cache>/features`` (see :func:`speechbench.common.cache_root`)."""
+    return common_cache_root("features")
 
 
 def upstream_identity(upstream: Upstream, name: str) -> dict:
@@ -67,12 +68,7 @@ def estimate_frames_bytes(utts: Sequence[Utterance], upstream: Upstream) -> int:
     return frames * upstream.num_layers * upstream.hidden_size * 2
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+
 
 
 def _shard_valid(shard: Path) -> bool:
@@ -83,7 +79,7 @@ def _shard_valid(shard: Path) -> bool:
         meta = json.loads(sidecar.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return shard.stat().st_size == meta.get("size") and _sha256_file(shard) == meta.get("sha256")
+    return shard.stat().st_size == meta.get("size") and sha256_file(shard) == meta.get("sha256")
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], shard: Path) -> None:
@@ -92,7 +88,7 @@ def _save_shard(tensors: dict[str, torch.Tensor], shard: Path) -> None:
     with atomic_path(shard) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
     atomic_write_text(shard.with_suffix(".json"), json.dumps({"size": shard.stat().st_size,
-                                                              "sha256": _sha256_file(shard)}))
+                                                              "sha256": sha256_file(shard)}))
 
 
 def _extract_shard(upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None, granularity: str,

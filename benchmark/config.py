@@ -19,8 +19,10 @@ from typing import Any
 
 import yaml
 
+from speechbench.common import SpeechbenchError
 
-class ConfigError(ValueError):
+
+class ConfigError(SpeechbenchError, ValueError):
     """A recipe or override that does not fit the schema (one-line message naming the source)."""
 
 

@@ -38,11 +38,10 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from speechbench.common import atomic_path, atomic_write_text
 from speechbench.downstreams.data import (
     DataError,
     Utterance,
-    atomic_path,
-    atomic_write_text,
     bucket_by_duration,
     collate_audio,
     load_utterance_audio,

@@ -17,10 +17,10 @@ from typing import Any
 
 from speechbench.benchmark.config import ConfigError, apply_overrides, find_recipe, from_dict, load_raw_recipe
 from speechbench.benchmark.results import git_sha
+from speechbench.common import SAMPLE_RATE
 from speechbench.downstreams.data import DataError, Utterance, load_audio, read_manifest, resolve_audio_path
 from speechbench.upstreams.pretrain.base import get_objective
 from speechbench.upstreams.pretrain.loop import (
-    SAMPLE_RATE,
     AudioSource,
     PretrainOptim,
     PretrainSummary,
@@ -69,10 +69,7 @@ def resolve_pretrain_config(family: str, recipe: str | None = None, overrides: t
     raw_family = raw.setdefault("family", family)
     if raw_family != family:
         raise ConfigError(f"{where}: a {raw_family} recipe, but --model {family}")
-    try:
-        entry = get_objective(family)
-    except KeyError as e:
-        raise ConfigError(str(e.args[0])) from None
+    entry = get_objective(family)
     model = from_dict(entry.model_options, raw.pop("model", None), f"{where}: model")
     objective = from_dict(entry.objective_options, raw.pop("objective", None), f"{where}: objective")
     cfg = from_dict(PretrainConfig, raw, where)

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from speechbench.downstreams.data import atomic_write_text
+from speechbench.common import atomic_write_text
 
 SCHEMA_VERSION = 1
 

@@ -30,7 +30,8 @@ from speechbench.benchmark.config import (
 from speechbench.benchmark.features import OnTheFlyFeatures, PooledFeatures
 from speechbench.benchmark.results import SCHEMA_VERSION, git_sha, package_versions, read_result, utc_now, write_result
 from speechbench.benchmark.train import DownstreamModel, evaluate, train
-from speechbench.downstreams.data import atomic_write_text, write_manifest
+from speechbench.common import atomic_write_text
+from speechbench.downstreams.data import write_manifest
 from speechbench.downstreams.featurizer import WeightedLayerSum
 from speechbench.downstreams.tasks import PreparedData, Task, get_task, write_predictions_tsv
 from speechbench.upstreams.registry import build_upstream

@@ -18,7 +18,8 @@ from torch import nn
 from tqdm import tqdm
 
 from speechbench.benchmark.config import RunConfig
-from speechbench.downstreams.data import atomic_path, bucket_by_duration
+from speechbench.common import TrainingDivergedError, atomic_path
+from speechbench.downstreams.data import bucket_by_duration
 from speechbench.downstreams.featurizer import WeightedLayerSum
 from speechbench.downstreams.tasks import Task
 
@@ -155,7 +156,7 @@ def train(model: DownstreamModel, task: Task, cfg: RunConfig, train_source, trai
             loss.backward()
             step_loss += loss.item()
         if not np.isfinite(step_loss):
-            raise FloatingPointError(f"loss became {step_loss} at step {state.step + 1}; lower the learning rate")
+            raise TrainingDivergedError(f"loss became {step_loss} at step {state.step + 1}; lower the learning rate")
         nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         state.step += 1

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from speechbench.common import atomic_write_text
 from speechbench.downstreams.ctc import (
     LIBRISPEECH,
     CTCOutput,
@@ -35,7 +36,7 @@ from speechbench.downstreams.ctc import (
     read_librispeech,
     read_synth_asr,
 )
-from speechbench.downstreams.data import DataError, Utterance, atomic_write_text
+from speechbench.downstreams.data import DataError, Utterance
 from speechbench.downstreams.metrics import token_error_rate_percent, word_error_rate_percent
 from speechbench.downstreams.tasks import PreparedData, Task, register_task
 from speechbench.downstreams.text import CHAR_VOCAB, chars_to_text, normalise_transcript, text_to_chars

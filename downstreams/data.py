@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +22,12 @@ import numpy as np
 import soundfile as sf
 import torch
 
-SAMPLE_RATE = 16000
+from speechbench.common import SAMPLE_RATE, SpeechbenchError, atomic_write_text
+
 _FIXED_FIELDS = ("id", "path", "duration_s", "speaker", "split")
 
 
-class DataError(ValueError):
+class DataError(SpeechbenchError, ValueError):
     """A dataset or audio file that does not match what a task expects (one-line message)."""
 
 
@@ -83,29 +82,10 @@ class Utterance:
                    str(row["split"]), labels)
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary file name beside ``path``; once the body has written it, fsync it and rename it into
-    place. On any failure the temporary file is removed and ``path`` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text atomically (temporary file, fsync, rename)."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+
+
 
 
 def write_manifest(path: str | os.PathLike, utterances: Iterable[Utterance]) -> None:

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from speechbench.common import atomic_write_text
 from speechbench.downstreams.data import (
     DataError,
     Utterance,
-    atomic_write_text,
     audio_duration_s,
     expect_path,
     read_manifest,

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from speechbench.common import atomic_write_text
 from speechbench.downstreams.ctc import (
     LIBRISPEECH,
     CTCOutput,
@@ -39,7 +40,7 @@ from speechbench.downstreams.ctc import (
     read_librispeech,
     read_synth_asr,
 )
-from speechbench.downstreams.data import DataError, Utterance, atomic_write_text, expect_path
+from speechbench.downstreams.data import DataError, Utterance, expect_path
 from speechbench.downstreams.metrics import token_error_rate_percent
 from speechbench.downstreams.tasks import PreparedData, Task, register_task
 from speechbench.downstreams.text import CMU_PHONES, Vocabulary, cmudict_lexicon, pronounce, read_lexicon

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from speechbench.common import UnknownNameError
 from speechbench.downstreams.data import Utterance
 
 
@@ -72,7 +73,7 @@ class Task:
 
 def write_predictions_tsv(run_dir: Path, utterances: Sequence[Utterance], predictions: list, references) -> None:
     """Default audit file: ``predictions.tsv`` with one ``id<TAB>prediction<TAB>reference`` line per utterance."""
-    from speechbench.downstreams.data import atomic_write_text
+    from speechbench.common import atomic_write_text
 
     atomic_write_text(run_dir / "predictions.tsv", "".join(
         f"{u.id}\t{p}\t{r}\n" for u, p, r in zip(utterances, predictions, references, strict=True)))
@@ -93,7 +94,7 @@ def register_task(task: Task) -> Task:
 def get_task(name: str) -> Task:
     _load_builtin_tasks()
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+        raise UnknownNameError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
     return TASKS[name]
 
 

@@ -6,12 +6,11 @@ Writes ``FILE.csv`` (the wide table with its ``(unit)`` row, see :mod:`leaderboa
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from speechbench.common import atomic_write_text
 from speechbench.leaderboard.collect import collect_results
 from speechbench.leaderboard.references import DEFAULT_REFERENCE, ReferenceSet
 from speechbench.leaderboard.tables import counted_rows, format_table, wide_table, wide_to_csv
@@ -33,18 +32,3 @@ def long_csv_path(out_csv: str | Path) -> Path:
     """``results/lb.csv -> results/lb.long.csv``."""
     out_csv = Path(out_csv)
     return out_csv.with_name(f"{out_csv.stem}.long.csv")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, flush to disk, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from speechbench.common import SpeechbenchError
 from speechbench.leaderboard.columns import metric_column, metric_direction
 
 log = logging.getLogger("leaderboard")
@@ -27,11 +28,11 @@ LONG_COLUMNS = ["upstream", "task", "metric", "column", "value", "unit", "higher
                 "wall_time_s", "timestamp", "run_id", "path", "checkpoint_sha256"]
 
 
-class NoResultsError(FileNotFoundError):
+class NoResultsError(SpeechbenchError, FileNotFoundError):
     """No usable result.json below the results directory."""
 
 
-class BadResultError(ValueError):
+class BadResultError(SpeechbenchError, ValueError):
     """One result.json cannot be used; the message says why."""
 
 

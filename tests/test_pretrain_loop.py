@@ -161,7 +161,7 @@ def test_shipped_recipes_parse():
 
 
 def test_bundled_upstreams_load_and_match_their_cards():
-    from speechbench.upstreams.checkpoints import sha256_file
+    from speechbench.common import sha256_file
     from speechbench.upstreams.registry import BUNDLED_DIR, load_cards
 
     cards = {name: card for name, card in load_cards().items() if card.source.startswith("bundled:")}

@@ -8,8 +8,9 @@ import pytest
 import torch
 from test_upstreams_fixtures import padded_batch, speechlike, tiny_apc, tiny_cpc
 
+from speechbench.common import sha256_file
 from speechbench.upstreams.apc import APCUpstream, apc_s3prl_checkpoint
-from speechbench.upstreams.checkpoints import CheckpointError, save_speechbench_checkpoint, sha256_file
+from speechbench.upstreams.checkpoints import CheckpointError, save_speechbench_checkpoint
 from speechbench.upstreams.cpc import CONV_SPECS, CPCUpstream, cpc_s3prl_checkpoint
 from speechbench.upstreams.registry import build_upstream
 

@@ -12,7 +12,7 @@ from test_upstreams_fixtures import (
     write_fairseq_checkpoint,
 )
 
-from speechbench.upstreams.checkpoints import sha256_file
+from speechbench.common import sha256_file
 from speechbench.upstreams.hf import FAIRSEQ_NORM_EPS, HF_NORM_EPS, HFUpstream, save_hf_checkpoint
 from speechbench.upstreams.registry import build_upstream
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from speechbench.common import SAMPLE_RATE
 from speechbench.upstreams.base import UpstreamOutput, freeze
 from speechbench.upstreams.checkpoints import CheckpointError
 from speechbench.upstreams.features import (
@@ -37,7 +38,6 @@ from speechbench.upstreams.features import (
     log_mel_from_power,
 )
 
-SAMPLE_RATE = 16000
 CMVN_EPS = 1e-10
 
 

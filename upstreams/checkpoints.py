@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import json
 import logging
 import os
 import pickle
-import tempfile
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from speechbench.common import SpeechbenchError, atomic_write_bytes, atomic_write_text, sha256_file
+
 log = logging.getLogger("speechbench")
 
 FAMILIES = ("wav2vec2", "hubert", "apc", "cpc")
@@ -55,7 +55,7 @@ FORMAT_VERSION = 1
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SpeechbenchError, ValueError):
     """A checkpoint that cannot be used as given (one-line message naming the file and what to do)."""
 
 
@@ -202,12 +202,7 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,20 +329,7 @@ def detect_checkpoint(path: str | os.PathLike, trust: bool = False) -> DetectedC
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _atomic_dir_write(out_dir: Path, files: dict[str, bytes | str]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data.encode() if isinstance(data, str) else data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out_dir / name)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+
 
 
 def save_speechbench_checkpoint(out_dir: str | os.PathLike, family: str, config: dict,
@@ -365,15 +347,15 @@ def save_speechbench_checkpoint(out_dir: str | os.PathLike, family: str, config:
     out_dir = Path(out_dir)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     meta = {"format": "speechbench", "format_version": FORMAT_VERSION, "family": family, **(extra or {})}
-    _atomic_dir_write(out_dir, {"config.json": json.dumps(config, indent=2, sort_keys=True),
-                                "model.safetensors": save(tensors, metadata={"family": family})})
-    _atomic_dir_write(out_dir, {SPEECHBENCH_JSON: json.dumps(meta, indent=2, sort_keys=True)})
+    atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True))
+    atomic_write_bytes(out_dir / "model.safetensors", save(tensors, metadata={"family": family}))
+    atomic_write_text(out_dir / SPEECHBENCH_JSON, json.dumps(meta, indent=2, sort_keys=True))  # last: marks it complete
     return out_dir
 
 
 def write_speechbench_json(out_dir: str | os.PathLike, family: str, extra: dict | None = None) -> None:
     meta = {"format": "speechbench", "format_version": FORMAT_VERSION, "family": family, **(extra or {})}
-    _atomic_dir_write(Path(out_dir), {SPEECHBENCH_JSON: json.dumps(meta, indent=2, sort_keys=True)})
+    atomic_write_text(Path(out_dir) / SPEECHBENCH_JSON, json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_speechbench_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speechbench.common import SAMPLE_RATE
 from speechbench.upstreams.base import UpstreamOutput, freeze
 from speechbench.upstreams.checkpoints import CheckpointError
 
-SAMPLE_RATE = 16000
 CONV_SPECS = ((10, 5, 3), (8, 4, 2), (4, 2, 1), (4, 2, 1), (4, 2, 1))  # (kernel, stride, padding)
 MIN_SAMPLES = 160  # shortest input giving one frame through the five convs
 AR_MODES = ("LSTM", "GRU", "RNN")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from speechbench.common import SAMPLE_RATE
 from speechbench.upstreams.base import UpstreamOutput, freeze, register_upstream
 from speechbench.upstreams.features import (
     FRAME_LENGTH,
@@ -37,7 +38,6 @@ from speechbench.upstreams.features import (
 
 __all__ = ["KaldiFeatureUpstream", "build_fbank", "build_fbank_no_cmvn", "build_mfcc", "kaldi_log_mel"]
 
-SAMPLE_RATE = 16000
 
 FBANK_SUMMARY = (
     "SUPERB FBANK baseline: 80 Kaldi log-mel + deltas + delta-deltas, per-utterance CMVN (240-d, 10 ms). CMVN zeroes\n"

@@ -5,15 +5,14 @@
   ``preprocessor_config.json`` and the weights (``model.safetensors``, else ``pytorch_model.bin``) are downloaded
   with a short connection timeout. The result is a local HF directory.
 - A ``https://huggingface.co/<repo>/resolve/<revision>/<file>`` URL goes through the HF cache the same way; any other
-  URL is cached as ``$SPEECHBENCH_CACHE/checkpoints/<file name>`` (default ``~/.cache/speechbench``), downloaded to a
-  temporary file and renamed, and checked against the card's sha256 when known.
+  URL is cached as ``<speechbench cache>/checkpoints/<file name>`` (:func:`speechbench.common.cache_root`),
+  downloaded to a temporary file and renamed, and checked against the card's sha256 when known.
 
 Every failure is one line saying what was tried and what to do instead.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -23,6 +22,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from speechbench.common import cache_root, sha256_file
 from speechbench.upstreams.checkpoints import CheckpointError
 
 log = logging.getLogger("speechbench")
@@ -42,8 +42,7 @@ def looks_like_hub_id(text: str) -> bool:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("SPEECHBENCH_CACHE") or Path.home() / ".cache" / "speechbench"
-    return Path(base).expanduser() / "checkpoints"
+    return cache_root("checkpoints")
 
 
 def _hf_home() -> str:
@@ -121,12 +120,9 @@ def hub_directory(repo_id: str, label: str, is_card: bool = False) -> Path:
 def _verify(path: Path, sha256: str | None, label: str) -> None:
     if not sha256:
         return
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    if h.hexdigest() != sha256.lower():
-        raise CheckpointError(f"{label}: {path} has sha256 {h.hexdigest()[:16]}..., the card expects "
+    digest = sha256_file(path)
+    if digest != sha256.lower():
+        raise CheckpointError(f"{label}: {path} has sha256 {digest[:16]}..., the card expects "
                               f"{sha256[:16]}...: delete the file and fetch it again")
 
 

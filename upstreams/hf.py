@@ -47,18 +47,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from speechbench.common import SAMPLE_RATE, sha256_file
 from speechbench.upstreams.base import UpstreamOutput, freeze
 from speechbench.upstreams.checkpoints import (
     CheckpointError,
     DetectedCheckpoint,
-    sha256_file,
     weight_file,
     write_speechbench_json,
 )
 
 log = logging.getLogger("speechbench")
 
-SAMPLE_RATE = 16000
 HF_NORM_EPS = 1e-7  # transformers Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
 FAIRSEQ_NORM_EPS = 1e-5  # fairseq / s3prl: F.layer_norm(wav, wav.shape)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from speechbench.common import UnknownNameError
 from speechbench.upstreams import fbank  # noqa: F401  (registers fbank, fbank_no_cmvn, mfcc)
 from speechbench.upstreams.base import UPSTREAMS, Upstream, UpstreamEntry
 from speechbench.upstreams.checkpoints import FAMILIES, CheckpointError, DetectedCheckpoint, detect_checkpoint
@@ -33,9 +34,8 @@ CARD_FIELDS = ("name", "family", "description", "source", "license", "sha256", "
                "data", "seed", "steps")
 
 
-class UnknownUpstreamError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
+class UnknownUpstreamError(UnknownNameError):
+    """No registered upstream, card, path, hub id or s3prl name matches."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ import numpy as np
 from scipy.fft import irfft, next_fast_len, rfft
 from scipy.signal import fftconvolve, firwin, lfilter, resample_poly
 
-SAMPLE_RATE = 16000
+from speechbench.common import SAMPLE_RATE
+
 TARGET_DBFS = -28.0  # active-speech RMS before the random gain; leaves >=16 dB of headroom for peaks
 _FRAME = 320  # 20 ms at 16 kHz
 

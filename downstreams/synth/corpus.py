@@ -31,11 +31,12 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from speechbench.downstreams.data import DataError, Utterance, atomic_write_text, write_manifest
+from speechbench.common import SAMPLE_RATE, atomic_write_text, cache_root
+from speechbench.downstreams.data import DataError, Utterance, write_manifest
 from speechbench.downstreams.synth.espeak import EspeakError
 from speechbench.downstreams.synth.phones import PHONE_SET  # noqa: F401  (re-exported: the PR task's symbol inventory)
 from speechbench.downstreams.synth.pool import run_chunks
-from speechbench.downstreams.synth.render import SAMPLE_RATE, render_chunk, render_to_file
+from speechbench.downstreams.synth.render import render_chunk, render_to_file
 from speechbench.downstreams.synth.tasks import PLANNERS, TASKS, Job, Plan, Profile, Sizes
 from speechbench.downstreams.synth.voices import check_variants
 
@@ -244,9 +245,8 @@ def generate_corpus(out_dir: str | os.PathLike, profile: str = "small", seed: in
 
 
 def default_cache_dir() -> Path:
-    """``$SPEECHBENCH_CACHE/synth``, else ``~/.cache/speechbench/synth``."""
-    env = os.environ.get("SPEECHBENCH_CACHE")
-    return Path(env).expanduser() / "synth" if env else Path.home() / ".cache" / "speechbench" / "synth"
+    """``<speechbench cache>/synth`` (see :func:`speechbench.common.cache_root`)."""
+    return cache_root("synth")
 
 
 def _remove_abandoned(cache: Path, name: str) -> None:

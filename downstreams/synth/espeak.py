@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from speechbench.common import SpeechbenchError
+
 # speak_lib.h constants
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _POS_CHARACTER = 1
@@ -32,7 +34,7 @@ _SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short),
 _open_session: Espeak | None = None  # one process-wide C instance: at most one session at a time
 
 
-class EspeakError(RuntimeError):
+class EspeakError(SpeechbenchError, RuntimeError):
     """libespeak-ng is missing, refused a call, or could not be reset (one-line message)."""
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from speechbench.common import SAMPLE_RATE
 from speechbench.downstreams.synth import augment as aug
 from speechbench.downstreams.synth.espeak import NATIVE_RATE, Espeak
 from speechbench.downstreams.synth.phones import phone_string
 from speechbench.downstreams.synth.tasks import TASK_CODES, Job
 
-SAMPLE_RATE = aug.SAMPLE_RATE
 GAIN_DB = 6.0  # random gain after level normalisation: +-6 dB
 SNR_DB = (10.0, 30.0)
 REVERB_P = 0.3

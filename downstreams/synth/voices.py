@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from speechbench.downstreams.synth.espeak import data_path
+from speechbench.downstreams.synth.espeak import EspeakError, data_path
 
 # The eight English accents of espeak-ng (lang/gmw/en*), by voice name.
 ACCENTS = ("en", "en-us", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc")
@@ -73,7 +73,7 @@ def check_variants() -> None:
     folder = data_path() / "voices" / "!v"
     missing = [v.name for v in VARIANTS if not (folder / v.name).is_file()]
     if missing:
-        raise FileNotFoundError(f"espeak-ng-data at {folder} lacks voice variants {missing[:5]}; the synthetic "
+        raise EspeakError(f"espeak-ng-data at {folder} lacks voice variants {missing[:5]}; the synthetic "
                                 "corpus needs the data shipped with espeakng-loader>=0.2.4")
 
 

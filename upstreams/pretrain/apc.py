@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from speechbench.upstreams.apc import APC, SAMPLE_RATE, APCConfig, apc_features, n_fft_for
+from speechbench.common import SAMPLE_RATE
+from speechbench.upstreams.apc import APC, APCConfig, apc_features, n_fft_for
 from speechbench.upstreams.checkpoints import save_speechbench_checkpoint
 from speechbench.upstreams.features import kaldi_mel_banks, length_mask
 from speechbench.upstreams.pretrain.base import Objective, ObjectiveOutput, register_objective

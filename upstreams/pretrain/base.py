@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from speechbench.common import UnknownNameError
+
 
 @dataclass
 class ObjectiveOutput:
@@ -77,6 +79,6 @@ FAMILIES = ("apc", "cpc", "wav2vec2", "hubert")  # each has a module upstreams/p
 def get_objective(family: str) -> ObjectiveEntry:
     """The registered objective of ``family`` (its module is imported on first use)."""
     if family not in FAMILIES:
-        raise KeyError(f"unknown pretraining model {family!r}; available: {', '.join(FAMILIES)}")
+        raise UnknownNameError(f"unknown pretraining model {family!r}; available: {', '.join(FAMILIES)}")
     importlib.import_module(f"speechbench.upstreams.pretrain.{family}")
     return OBJECTIVES[family]

@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from speechbench.common import SAMPLE_RATE, TrainingDivergedError
 from speechbench.upstreams.checkpoints import CheckpointError
 from speechbench.upstreams.pretrain.base import Objective
 
 log = logging.getLogger("speechbench")
 
-SAMPLE_RATE = 16000
 STATE_FILE, LOG_FILE, CONFIG_FILE, UPSTREAM_DIR = "state.pt", "log.jsonl", "pretrain.json", "upstream"
 _TRAIN_STREAM, _PREPARE_STREAM = 0, 1  # separate NumPy streams for training batches and prepare() batches
 
@@ -261,7 +261,7 @@ def pretrain(objective: Objective, source: AudioSource, optim: PretrainOptim, tr
             out = objective(wavs, lengths)
             loss = float(out.loss.detach())
             if not math.isfinite(loss):
-                raise FloatingPointError(f"pretraining {objective.family}: loss is {loss} at step {step + 1} "
+                raise TrainingDivergedError(f"pretraining {objective.family}: loss is {loss} at step {step + 1} "
                                          f"(lower optim.lr or raise optim.warmup_steps); last good checkpoint in "
                                          f"{out_dir}")
             optimizer.zero_grad(set_to_none=True)
