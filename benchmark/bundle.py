@@ -1,6 +1,6 @@
 """Rebuild the bundled upstreams (``upstreams/bundled``) and their cards (maintainers; run by hand).
 
-    python -m benchmark.bundle --work ckpts/bundle [--families apc,cpc,wav2vec2,hubert] [--install]
+    python -m speechbench.benchmark.bundle --work ckpts/bundle [--families apc,cpc,wav2vec2,hubert] [--install]
 
 For each family this runs ``bench pretrain`` with the family's shipped recipe on the synthetic corpus (HuBERT: both
 iterations, the second clustering the first one's hidden layer) and the same command with ``train.max_steps=0``
@@ -23,10 +23,8 @@ from pathlib import Path
 import yaml
 
 from speechbench.common import sha256_file
+from speechbench.upstreams.families import get_family, pretrain_families
 from speechbench.upstreams.registry import BUNDLED_DIR, CARDS_DIR
-
-FAMILIES = ("apc", "cpc", "wav2vec2", "hubert")
-TITLES = {"apc": "APC", "cpc": "modified CPC", "wav2vec2": "wav2vec 2.0", "hubert": "HuBERT"}
 
 
 def _runs(family: str) -> list[tuple[str | None, list[str]]]:
@@ -80,9 +78,10 @@ def install(name: str, family: str, upstream: Path, command: str) -> Path:
     meta = json.loads((target / "speechbench.json").read_text())
     info = meta.get("pretraining", {})
     random = name.endswith("-random")
-    description = (f"{TITLES[family]}, tiny, random initialisation (same architecture and seed as {name[:-7]}, no "
+    title = get_family(family).title
+    description = (f"{title}, tiny, random initialisation (same architecture and seed as {name[:-7]}, no "
                    f"training): the floor for {name[:-7]}" if random else
-                   f"{TITLES[family]}, tiny, pretrained by bench pretrain on the synthetic corpus (smoke-test "
+                   f"{title}, tiny, pretrained by bench pretrain on the synthetic corpus (smoke-test "
                    f"upstream, not a published model)")
     card = {"name": name, "family": family, "description": description, "source": f"bundled:{name}",
             "license": "Apache-2.0 (trained by speechbench)", "sha256": sha256_file(target / "model.safetensors"),
@@ -95,7 +94,7 @@ def install(name: str, family: str, upstream: Path, command: str) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, help="work directory for the pretraining runs (resumable)")
-    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--families", default=",".join(pretrain_families()))
     parser.add_argument("--install", action="store_true", help="copy into upstreams/bundled and write the cards")
     args = parser.parse_args()
     for family in [f.strip() for f in args.families.split(",") if f.strip()]:

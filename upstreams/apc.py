@@ -29,7 +29,8 @@ from torch import nn
 
 from speechbench.common import SAMPLE_RATE
 from speechbench.upstreams.base import UpstreamOutput, freeze
-from speechbench.upstreams.checkpoints import CheckpointError
+from speechbench.upstreams.checkpoints import CheckpointError, DetectedCheckpoint
+from speechbench.upstreams.families import register_family
 from speechbench.upstreams.features import (
     frame_waves,
     kaldi_mel_banks,
@@ -216,3 +217,14 @@ def apc_from_ours(config: Mapping, state: Mapping[str, torch.Tensor], name: str,
 def apc_s3prl_checkpoint(model: APC) -> dict:
     """The s3prl layout of a model: ``{"config": ..., "model": state_dict}`` (for ``torch.save``)."""
     return {"config": model.config.to_s3prl(), "model": model.state_dict()}
+
+
+@register_family("apc", "APC", "autoregressive predictive coding: a unidirectional GRU stack on log-mel frames; hidden "
+                 "states: the RNN layers' outputs", pretrain=True)
+def load_apc(detected: DetectedCheckpoint, name: str) -> APCUpstream:
+    """The family loader: our format (``config.json`` + ``model.safetensors``) or an s3prl ``{config, model}``."""
+    from speechbench.upstreams.checkpoints import load_speechbench_checkpoint
+
+    if detected.format == "speechbench":
+        return apc_from_ours(*load_speechbench_checkpoint(detected.path), name, str(detected.path), detected.sha256)
+    return apc_from_s3prl(detected.payload, name, str(detected.path), detected.format, detected.sha256)

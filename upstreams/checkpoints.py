@@ -19,7 +19,7 @@ Formats (:func:`detect_checkpoint`), by content rather than by file name:
 ================  =============================================================================================
 ``speechbench``   a directory with ``speechbench.json`` (family), ``config.json`` and ``model.safetensors``; for
                   wav2vec2/HuBERT it is also a loadable HF directory (plus ``preprocessor_config.json``)
-``hf-dir``        a directory with an HF ``config.json`` of ``model_type`` wav2vec2 or hubert
+``hf-dir``        a directory with an HF ``config.json`` whose ``model_type`` a registered family serves
 ``fairseq``       a pickle ``{"cfg" or "args": ..., "model": state_dict}`` of a wav2vec 2.0/HuBERT (or their
                   fine-tuned ``*_ctc``) model, converted in-process by :mod:`upstreams.fairseq_convert`
 ``s3prl``         a pickle of s3prl's layouts: converted wav2vec2/HuBERT ``{"task_cfg", "model_cfg",
@@ -46,10 +46,10 @@ import numpy as np
 import torch
 
 from speechbench.common import SpeechbenchError, atomic_write_bytes, atomic_write_text, sha256_file
+from speechbench.upstreams.families import family_for_model_type, family_names, get_family, hf_model_types
 
 log = logging.getLogger("speechbench")
 
-FAMILIES = ("wav2vec2", "hubert", "apc", "cpc")
 SPEECHBENCH_JSON = "speechbench.json"
 FORMAT_VERSION = 1
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -239,8 +239,9 @@ def read_speechbench_json(directory: Path) -> dict:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    if meta.get("family") not in FAMILIES:
-        raise CheckpointError(f"{path}: 'family' must be one of {', '.join(FAMILIES)}; got {meta.get('family')!r}")
+    if meta.get("family") not in family_names():
+        raise CheckpointError(f"{path}: 'family' must be one of {', '.join(family_names())}; got "
+                              f"{meta.get('family')!r}")
     return meta
 
 
@@ -258,11 +259,13 @@ def _detect_directory(path: Path) -> DetectedCheckpoint:
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path / 'config.json'}: unreadable ({type(e).__name__}: {e})") from None
         model_type = config.get("model_type")
-        if model_type not in ("wav2vec2", "hubert"):
-            raise CheckpointError(f"{path}: HF directory of model_type {model_type!r}; supported: wav2vec2, hubert")
+        family = family_for_model_type(model_type)
+        if family is None:
+            raise CheckpointError(f"{path}: HF directory of model_type {model_type!r}; supported: "
+                                  f"{', '.join(hf_model_types())}")
         if weights is None:
             raise CheckpointError(f"{path}: HF directory without weights (expected one of {', '.join(WEIGHT_FILES)})")
-        return DetectedCheckpoint(path, "hf-dir", model_type, sha256=sha256_file(weights))
+        return DetectedCheckpoint(path, "hf-dir", family.name, sha256=sha256_file(weights))
     found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
     raise CheckpointError(f"{path}: unknown checkpoint directory (expected an HF directory with config.json, or "
                           f"ours with {SPEECHBENCH_JSON}); found {found}")
@@ -342,8 +345,7 @@ def save_speechbench_checkpoint(out_dir: str | os.PathLike, family: str, config:
     """
     from safetensors.torch import save
 
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
+    get_family(family)  # a registered family, or a one-line error listing them
     out_dir = Path(out_dir)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     meta = {"format": "speechbench", "format_version": FORMAT_VERSION, "family": family, **(extra or {})}

@@ -33,7 +33,8 @@ from torch import nn
 
 from speechbench.common import SAMPLE_RATE
 from speechbench.upstreams.base import UpstreamOutput, freeze
-from speechbench.upstreams.checkpoints import CheckpointError
+from speechbench.upstreams.checkpoints import CheckpointError, DetectedCheckpoint
+from speechbench.upstreams.families import register_family
 
 CONV_SPECS = ((10, 5, 3), (8, 4, 2), (4, 2, 1), (4, 2, 1), (4, 2, 1))  # (kernel, stride, padding)
 MIN_SAMPLES = 160  # shortest input giving one frame through the five convs
@@ -226,3 +227,14 @@ def cpc_from_ours(config: Mapping, state: Mapping[str, torch.Tensor], name: str,
 def cpc_s3prl_checkpoint(model: CPCModel) -> dict:
     """The libri-light/s3prl layout of a model: ``{"config": ..., "weights": state_dict}`` (for ``torch.save``)."""
     return {"config": model.config.to_s3prl(), "weights": model.state_dict()}
+
+
+@register_family("cpc", "modified CPC", "contrastive predictive coding (libri-light's modified CPC): strided CNN "
+                 "encoder and LSTM context; hidden states: encoder output and context output", pretrain=True)
+def load_cpc(detected: DetectedCheckpoint, name: str) -> CPCUpstream:
+    """The family loader: our format or a libri-light/s3prl ``{config, weights}``."""
+    from speechbench.upstreams.checkpoints import load_speechbench_checkpoint
+
+    if detected.format == "speechbench":
+        return cpc_from_ours(*load_speechbench_checkpoint(detected.path), name, str(detected.path), detected.sha256)
+    return cpc_from_s3prl(detected.payload, name, str(detected.path), detected.sha256)

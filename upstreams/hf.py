@@ -55,6 +55,7 @@ from speechbench.upstreams.checkpoints import (
     weight_file,
     write_speechbench_json,
 )
+from speechbench.upstreams.families import family_for_model_type, get_family, hf_model_types, register_family
 
 log = logging.getLogger("speechbench")
 
@@ -63,11 +64,13 @@ FAIRSEQ_NORM_EPS = 1e-5  # fairseq / s3prl: F.layer_norm(wav, wav.shape)
 
 
 def model_class(family: str) -> type[nn.Module]:
-    from transformers import HubertModel, Wav2Vec2Model
+    """The ``transformers`` model class of a registered family (``HubertModel`` for ``hubert``)."""
+    import transformers
 
-    if family not in ("wav2vec2", "hubert"):
-        raise ValueError(f"not a transformers family: {family!r}")
-    return HubertModel if family == "hubert" else Wav2Vec2Model
+    class_name = get_family(family).hf_model_class
+    if class_name is None:
+        raise ValueError(f"family {family!r} is not served through transformers")
+    return getattr(transformers, class_name)
 
 
 def normalize_waveforms(wavs: torch.Tensor, wav_lengths: torch.Tensor, eps: float) -> torch.Tensor:
@@ -228,9 +231,11 @@ def load_hf_directory(path: str | os.PathLike, name: str, checkpoint_format: str
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path / 'config.json'}: unreadable ({type(e).__name__}: {e})") from None
-    family = config.get("model_type")
-    if family not in ("wav2vec2", "hubert"):
-        raise CheckpointError(f"{path}: model_type {family!r} is not wav2vec2 or hubert")
+    found = family_for_model_type(config.get("model_type"))
+    if found is None:
+        raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not one of "
+                              f"{', '.join(hf_model_types())}")
+    family = found.name
     weights = weight_file(path)
     if weights is None:
         raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
@@ -271,3 +276,18 @@ def save_hf_checkpoint(model: nn.Module, out_dir: str | os.PathLike, normalize: 
                              sampling_rate=SAMPLE_RATE).save_pretrained(str(out_dir))
     write_speechbench_json(out_dir, model.config.model_type, {"normalize": bool(normalize), **(extra or {})})
     return out_dir
+
+
+def load_transformers_checkpoint(detected: DetectedCheckpoint, name: str) -> HFUpstream:
+    """The family loader of wav2vec2/HuBERT: an HF or speechbench directory, or a fairseq/s3prl pickle."""
+    if detected.format in ("hf-dir", "speechbench"):
+        return load_hf_directory(detected.path, name, detected.format, detected.sha256, detected.info)
+    return load_fairseq(detected, name)
+
+
+register_family("wav2vec2", "wav2vec 2.0", "masked contrastive prediction over quantised CNN latents (transformers "
+                "Wav2Vec2Model); hidden states: every transformer layer's input plus the encoder output",
+                hf_model_type="wav2vec2", hf_model_class="Wav2Vec2Model", pretrain=True)(load_transformers_checkpoint)
+register_family("hubert", "HuBERT", "masked prediction of k-means cluster ids (transformers HubertModel); hidden "
+                "states: every transformer layer's input plus the encoder output",
+                hf_model_type="hubert", hf_model_class="HubertModel", pretrain=True)(load_transformers_checkpoint)

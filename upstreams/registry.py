@@ -24,7 +24,8 @@ import yaml
 from speechbench.common import UnknownNameError
 from speechbench.upstreams import fbank  # noqa: F401  (registers fbank, fbank_no_cmvn, mfcc)
 from speechbench.upstreams.base import UPSTREAMS, Upstream, UpstreamEntry
-from speechbench.upstreams.checkpoints import FAMILIES, CheckpointError, DetectedCheckpoint, detect_checkpoint
+from speechbench.upstreams.checkpoints import CheckpointError, DetectedCheckpoint, detect_checkpoint
+from speechbench.upstreams.families import family_names, get_family
 
 log = logging.getLogger("speechbench")
 
@@ -66,8 +67,9 @@ def _read_card(path: Path) -> Card:
     missing = [k for k in ("name", "family", "description", "source") if not raw.get(k)]
     if unknown or missing:
         raise CheckpointError(f"{path}: card has unknown field(s) {unknown} / lacks {missing}")
-    if raw["family"] not in FAMILIES or raw["name"] != path.stem:
-        raise CheckpointError(f"{path}: family must be one of {FAMILIES} and name must match the file name")
+    if raw["family"] not in family_names() or raw["name"] != path.stem:
+        raise CheckpointError(f"{path}: family must be one of {', '.join(family_names())} and name must match the "
+                              f"file name")
     return Card(**{k: (str(v) if v is not None else None) for k, v in raw.items()})
 
 
@@ -104,26 +106,7 @@ def list_upstreams() -> list[UpstreamEntry]:
 
 def upstream_from_checkpoint(detected: DetectedCheckpoint, name: str) -> Upstream:
     """Build the upstream of a detected checkpoint (any format, any family)."""
-    family, fmt, path = detected.family, detected.format, detected.path
-    if family in ("wav2vec2", "hubert"):
-        from speechbench.upstreams.hf import load_fairseq, load_hf_directory
-
-        if fmt in ("hf-dir", "speechbench"):
-            return load_hf_directory(path, name, fmt, detected.sha256, detected.info)
-        return load_fairseq(detected, name)
-    from speechbench.upstreams.checkpoints import load_speechbench_checkpoint
-
-    if family == "apc":
-        from speechbench.upstreams.apc import apc_from_ours, apc_from_s3prl
-
-        if fmt == "speechbench":
-            return apc_from_ours(*load_speechbench_checkpoint(path), name, str(path), detected.sha256)
-        return apc_from_s3prl(detected.payload, name, str(path), fmt, detected.sha256)
-    from speechbench.upstreams.cpc import cpc_from_ours, cpc_from_s3prl
-
-    if fmt == "speechbench":
-        return cpc_from_ours(*load_speechbench_checkpoint(path), name, str(path), detected.sha256)
-    return cpc_from_s3prl(detected.payload, name, str(path), detected.sha256)
+    return get_family(detected.family).load(detected, name)
 
 
 def _card_source(card: Card) -> Path:

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-FAMILIES = ("apc", "cpc", "wav2vec2", "hubert")
+from speechbench.upstreams.families import pretrain_families
+
 BASELINES = ("fbank", "fbank_no_cmvn")
 ALL_TASKS = ("ks", "ic", "sid", "er", "pr", "asv", "asr")
 
@@ -36,7 +37,7 @@ def run_all(upstreams: list[str], tasks: list[str], results: Path, overrides: li
                 sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
 
 
-def compare(wide, tasks: list[str]) -> bool:
+def compare(wide, tasks: list[str], families: list[str]) -> bool:
     """Print pretrained vs random per family and task; True when every family wins on KS."""
     from speechbench.leaderboard.columns import column_direction
 
@@ -45,7 +46,7 @@ def compare(wide, tasks: list[str]) -> bool:
                and not c.endswith(("_folds", "_seeds"))]
     ks_ok, wins, total = True, 0, 0
     print(f"\n{'family':<10} {'column':<14} {'pretrained':>10} {'random':>10}  winner")
-    for family in FAMILIES:
+    for family in families:
         pre, rand = by_name.get(f"{family}-synth"), by_name.get(f"{family}-synth-random")
         for col in columns:
             if pre is None or rand is None or col not in pre or col not in rand:
@@ -65,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(ALL_TASKS), help="comma-separated tasks (default: all seven)")
     parser.add_argument("--out", default="evidence", help="output directory (results/ and leaderboard.csv)")
-    parser.add_argument("--families", default=",".join(FAMILIES), help="bundled families to evaluate")
+    parser.add_argument("--families", default=",".join(pretrain_families()), help="bundled families to evaluate")
     parser.add_argument("--no-baselines", action="store_true", help="skip fbank and fbank_no_cmvn")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides for every bench run")
     args = parser.parse_args()
@@ -81,7 +82,7 @@ def main() -> None:
     wide, _, text = build_leaderboard(out / "results", out / "leaderboard.csv", reference=None)
     print(text)
     print(f"wrote {out / 'leaderboard.csv'}")
-    sys.exit(0 if compare(wide, tasks) else 1)
+    sys.exit(0 if compare(wide, tasks, families) else 1)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from speechbench.common import UnknownNameError
+from speechbench.upstreams.families import pretrain_families
 
 
 @dataclass
@@ -73,12 +74,11 @@ def register_objective(family: str, model_options: type, objective_options: type
     return wrap
 
 
-FAMILIES = ("apc", "cpc", "wav2vec2", "hubert")  # each has a module upstreams/pretrain/<family>.py
-
-
 def get_objective(family: str) -> ObjectiveEntry:
-    """The registered objective of ``family`` (its module is imported on first use)."""
-    if family not in FAMILIES:
-        raise UnknownNameError(f"unknown pretraining model {family!r}; available: {', '.join(FAMILIES)}")
+    """The registered objective of ``family``: a family registered with ``pretrain=True``, whose module
+    ``upstreams/pretrain/<family>.py`` is imported on first use."""
+    available = pretrain_families()
+    if family not in available:
+        raise UnknownNameError(f"unknown pretraining model {family!r}; available: {', '.join(available)}")
     importlib.import_module(f"speechbench.upstreams.pretrain.{family}")
     return OBJECTIVES[family]
