@@ -30,7 +30,7 @@ from speechbench.benchmark.features import upstream_hidden
 from speechbench.common import atomic_path, atomic_write_text, sha256_file
 from speechbench.common import cache_root as common_cache_root
 from speechbench.downstreams.data import Utterance, bucket_by_duration
-from speechbench.upstreams.base import Upstream
+from speechbench.upstreams.base import Upstream, describe_upstream
 
 log = logging.getLogger("speechbench")
 
@@ -46,10 +46,7 @@ def cache_root() -> Path:
 
 def upstream_identity(upstream: Upstream, name: str) -> dict:
     """What determines an upstream's outputs: its name, weights and declared attributes."""
-    return {"name": name, "checkpoint_sha256": getattr(upstream, "checkpoint_sha256", None),
-            "format": getattr(upstream, "checkpoint_format", "builtin"), "sample_rate": upstream.sample_rate,
-            "num_layers": upstream.num_layers, "hidden_size": upstream.hidden_size,
-            "downsample_rate": upstream.downsample_rate, "settings": getattr(upstream, "settings", None)}
+    return {**describe_upstream(upstream), "name": name}
 
 
 def feature_key(identity: dict, utts: Sequence[Utterance], audio_root: Path | None, split: str,

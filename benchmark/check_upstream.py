@@ -24,7 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from speechbench.upstreams.base import Upstream
+from speechbench.common import SAMPLE_RATE
+from speechbench.upstreams.base import (
+    OPTIONAL_ATTRIBUTES,
+    REQUIRED_ATTRIBUTES,
+    Upstream,
+    UpstreamContractError,
+    describe_upstream,
+)
 
 TOLERANCE = 1e-4
 BATCH_SECONDS = (2.05, 0.73, 1.31)
@@ -40,7 +47,7 @@ class CheckResult:
         return f"{'PASS' if self.ok else 'FAIL'} {self.name}: {self.detail}"
 
 
-def probe_signal(num_samples: int, seed: int, sample_rate: int = 16000) -> torch.Tensor:
+def probe_signal(num_samples: int, seed: int, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """A deterministic speech-like test waveform ``[S]``: a few harmonics with vibrato plus noise, ~0.1 RMS."""
     g = torch.Generator().manual_seed(seed)
     t = torch.arange(num_samples, dtype=torch.float64) / sample_rate
@@ -106,14 +113,13 @@ def check_upstream(upstream: Upstream, long_seconds: float = 30.0, seed: int = 0
     results: list[CheckResult] = []
 
     def attributes() -> tuple[bool, str]:
-        values = {k: getattr(upstream, k, None) for k in ("sample_rate", "num_layers", "hidden_size",
-                                                           "downsample_rate")}
-        bad = [k for k, v in values.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
-        if bad or not isinstance(getattr(upstream, "name", None), str):
-            return False, f"missing or non-positive-integer attribute(s) {bad or ['name']}: {values}"
-        if values["sample_rate"] != 16000:
-            return False, f"sample_rate {values['sample_rate']} (every task feeds 16 kHz audio)"
-        return True, ", ".join(f"{k}={v}" for k, v in values.items())
+        try:
+            record = describe_upstream(upstream)
+        except UpstreamContractError as e:
+            return False, str(e)
+        if record["sample_rate"] != SAMPLE_RATE:
+            return False, f"sample_rate {record['sample_rate']} (every task feeds {SAMPLE_RATE} Hz audio)"
+        return True, ", ".join(f"{k}={record[k]}" for k in REQUIRED_ATTRIBUTES)
 
     results.append(_run_check("attributes", attributes))
     if not results[-1].ok:
@@ -187,7 +193,8 @@ def run_check(name_or_path: str, ckpt: str | None = None, trust_checkpoint: bool
     from speechbench.upstreams.registry import build_upstream
 
     upstream = build_upstream(name_or_path, ckpt=ckpt, trust_checkpoint=trust_checkpoint)
-    printer(f"checking {upstream.name} (format {getattr(upstream, 'checkpoint_format', 'builtin')})")
+    fmt = getattr(upstream, "checkpoint_format", OPTIONAL_ATTRIBUTES["checkpoint_format"])  # before the contract check
+    printer(f"checking {getattr(upstream, 'name', type(upstream).__name__)} (format {fmt})")
     results = check_upstream(upstream, long_seconds)
     for r in results:
         printer(r.line())

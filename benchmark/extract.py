@@ -48,7 +48,7 @@ from speechbench.downstreams.data import (
     read_manifest,
     resolve_audio_path,
 )
-from speechbench.upstreams.base import Upstream
+from speechbench.upstreams.base import Upstream, describe_upstream
 
 log = logging.getLogger("speechbench")
 
@@ -116,12 +116,7 @@ def load_inputs(data: str | os.PathLike, audio_root: str | os.PathLike | None = 
 
 
 def upstream_description(upstream: Upstream, dtype: str) -> dict:
-    return {"format": FORMAT, "name": upstream.name, "sample_rate": upstream.sample_rate,
-            "num_layers": upstream.num_layers, "hidden_size": upstream.hidden_size,
-            "downsample_rate": upstream.downsample_rate,
-            "checkpoint_sha256": getattr(upstream, "checkpoint_sha256", None),
-            "checkpoint_format": getattr(upstream, "checkpoint_format", "builtin"),
-            "settings": getattr(upstream, "settings", None), "dtype": dtype}
+    return {"format": FORMAT, **describe_upstream(upstream), "dtype": dtype}
 
 
 def _claim_output(out_dir: Path, description: dict) -> None:

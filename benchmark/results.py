@@ -10,7 +10,7 @@ from pathlib import Path
 
 from speechbench.common import atomic_write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def package_versions() -> dict:

@@ -34,6 +34,7 @@ from speechbench.common import atomic_write_text
 from speechbench.downstreams.data import write_manifest
 from speechbench.downstreams.featurizer import WeightedLayerSum
 from speechbench.downstreams.tasks import PreparedData, Task, get_task, write_predictions_tsv
+from speechbench.upstreams.base import describe_upstream
 from speechbench.upstreams.registry import build_upstream
 
 log = logging.getLogger("speechbench")
@@ -120,10 +121,7 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
 
 
 def _upstream_record(upstream, name: str) -> dict:
-    return {"name": name, "checkpoint_sha256": getattr(upstream, "checkpoint_sha256", None),
-            "format": getattr(upstream, "checkpoint_format", "builtin"), "num_layers": upstream.num_layers,
-            "hidden_size": upstream.hidden_size, "downsample_rate": upstream.downsample_rate,
-            "versions": package_versions()}
+    return {**describe_upstream(upstream), "name": name, "versions": package_versions()}
 
 
 def choose_cache(cfg: RunConfig, task: Task, prepared: PreparedData, upstream) -> tuple[str, float | None]:

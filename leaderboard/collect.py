@@ -21,7 +21,7 @@ from speechbench.leaderboard.columns import metric_column, metric_direction
 log = logging.getLogger("leaderboard")
 
 RESULT_FILENAME = "result.json"
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)  # 2: the upstream record is describe_upstream() (checkpoint_format, family, ...)
 
 LONG_COLUMNS = ["upstream", "task", "metric", "column", "value", "unit", "higher_is_better", "corpus", "profile",
                 "split", "fold", "learning_rate", "seed", "selected", "recipe", "config_sha256", "best_step",

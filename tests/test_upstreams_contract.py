@@ -70,7 +70,7 @@ def test_every_upstream_runs_ks_with_weighted_sum_and_single_layer(kind, checkpo
                               overrides=overrides, layer=layer, out_dir=str(tmp_path / "results")))
         (row,) = rows
         assert row["upstream"]["name"] == f"{family}@{checkpoints[kind].name}"
-        assert row["upstream"]["checkpoint_sha256"] and row["upstream"]["format"] in ("s3prl", "hf-dir")
+        assert row["upstream"]["checkpoint_sha256"] and row["upstream"]["checkpoint_format"] in ("s3prl", "hf-dir")
         assert len(row["layer_weights"]) == build_upstream(str(checkpoints[kind])).num_layers
         assert row["layer"] == layer and 0.0 <= row["value"] <= 100.0
     results = list((tmp_path / "results").rglob("result.json"))

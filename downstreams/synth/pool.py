@@ -1,4 +1,4 @@
-"""Render chunks in parallel worker processes started as ``python -m downstreams.synth.pool``.
+"""Render chunks in parallel worker processes started as ``python -m speechbench.downstreams.synth.pool``.
 
 Not ``multiprocessing``: its "spawn" start method re-imports the caller's ``__main__`` in every worker, so a
 script without an ``if __name__ == "__main__"`` guard (or code piped to stdin) makes the pool respawn failing
