@@ -1,12 +1,19 @@
-"""``bench``: the command-line interface. Every subcommand is a thin wrapper over a library function."""
+"""``bench``: the command-line interface. Every subcommand is a thin wrapper over a library function.
+
+Streams: logs and progress bars go to stderr; stdout carries only results (``--json`` makes them JSON), so
+``bench ... | tool`` works. Exit codes: 0 done, 1 a failed check (``check-upstream``) or a bug (with its
+traceback), 2 a user error (:class:`speechbench.common.SpeechbenchError`, printed as one line; ``-v`` adds the
+traceback), 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
-from pathlib import Path
+import traceback
 
 EPILOG_RUN = """examples:
   bench run --upstream fbank_no_cmvn --task ks                 # synthetic corpus, recipe synth/ks
@@ -46,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'bench <command> --help' for a command's options. Without --data-root every task runs on the "
                "bundled synthetic corpus (a smoke benchmark, not SUPERB numbers).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, and tracebacks for user errors too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("run", help="train and score one (upstream, task) evaluation",
@@ -76,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results", help="results directory (default: results)")
     p.add_argument("--rerun", action="store_true", help="train again into a new run directory even when this "
                                                         "configuration already has a result.json")
+    p.add_argument("--json", action="store_true", help="print the result rows as JSON on stdout")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
 
     p = sub.add_parser("leaderboard", help="aggregate result.json files into leaderboard CSVs and a table",
@@ -84,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results_dir", help="directory searched recursively for result.json")
     p.add_argument("--out", default="leaderboard.csv", help="wide CSV path; the long CSV is <stem>.long.csv")
     p.add_argument("--reference", default="superb_paper_2021", help="reference set for the SUPERB score")
+    p.add_argument("--json", action="store_true", help="print the wide table's rows as JSON on stdout")
 
     p = sub.add_parser("extract", help="dump an upstream's layer-wise features, one safetensors file per utterance",
                        description="Write OUT/<utterance id>.safetensors (hidden_states [L, T, D], num_frames) and "
@@ -109,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model with its native self-supervised objective on unlabelled audio, "
                                    "resumably; OUT/upstream is loadable by 'bench run --upstream OUT/upstream'.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_PRETRAIN)
-    p.add_argument("--model", required=True, choices=("apc", "cpc", "wav2vec2", "hubert"), help="model family")
+    p.add_argument("--model", required=True, metavar="FAMILY",
+                   help="model family with a native objective: apc, cpc, wav2vec2 or hubert ('bench list families')")
     p.add_argument("--data", help="'synth' (the synthetic corpus), a directory of .wav/.flac files (recursive) or a "
                                   "JSONL manifest (default: the recipe's data.source, synth)")
     p.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
@@ -121,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "(OUT/upstream of the first run)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
 
-    p = sub.add_parser("list", help="list upstreams, tasks or recipes")
-    p.add_argument("what", choices=("upstreams", "tasks", "recipes"))
+    p = sub.add_parser("list", help="list upstreams, model families, tasks or recipes")
+    p.add_argument("what", choices=("upstreams", "families", "tasks", "recipes"))
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects on stdout")
 
     p = sub.add_parser("data", help="datasets: build the synthetic corpus")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -136,33 +147,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stdout`` is at emit time (it may be replaced after set-up, e.g. under pytest)."""
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (it may be replaced after set-up, e.g. under pytest)."""
 
     @property
     def stream(self):
-        return sys.stdout
+        return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always follows sys.stdout
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property always follows sys.stderr
         pass
 
 
 def _setup_logging(verbose: bool) -> None:
     logger = logging.getLogger("speechbench")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
-        handler = _StdoutHandler()
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.propagate = False
 
 
 def _set_threads() -> None:
-    """Torch intra-op threads: $SPEECHBENCH_THREADS, else one per core."""
+    """Torch intra-op threads: ``$SPEECHBENCH_THREADS``, else the CPUs this process may use (affinity, quota)."""
     import torch
 
-    torch.set_num_threads(int(os.environ.get("SPEECHBENCH_THREADS", os.cpu_count() or 1)))
+    from speechbench.common import default_threads
+
+    torch.set_num_threads(default_threads())
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, default=str))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -172,11 +189,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     _set_threads()
 
     tasks = [t.name for t in list_tasks()] if args.task == "all" else [args.task]
+    all_rows = []
     for task in tasks:
         rows = run(RunRequest(upstream=args.upstream, task=task, recipe=args.recipe, data_root=args.data_root,
                               overrides=tuple(args.overrides), lrs=args.lr, seeds=args.seed, layer=args.layer,
                               cache=args.cache, fold=args.fold, out_dir=args.out, rerun=args.rerun,
                               ckpt=args.ckpt, trust_checkpoint=args.trust_checkpoint))
+        all_rows += rows
+        if args.json:
+            continue
         for row in rows:
             mark = "*" if row["selected"] else " "
             fold = f" fold {row['fold']}" if row["fold"] is not None else ""
@@ -188,6 +209,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             corpus = " (synthetic corpus: smoke benchmark, not a SUPERB number)" if m["corpus"] == "synth" else ""
             print(f"= {m['task']} mean over folds {','.join(map(str, m['folds']))} seed={m['seed']}: test "
                   f"{m['metric']} = {m['value']:.2f} {m['unit']}{corpus}")
+    if args.json:
+        _print_json(all_rows)
     return 0
 
 
@@ -214,11 +237,14 @@ def fold_means(rows: list[dict]) -> list[dict]:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from speechbench.leaderboard.build import build_leaderboard
+    from speechbench.leaderboard.build import build_leaderboard, long_csv_path
 
-    _, _, text = build_leaderboard(args.results_dir, args.out, reference=args.reference)
-    print(text)
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('').as_posix()}.long.csv")
+    wide, _, text = build_leaderboard(args.results_dir, args.out, reference=args.reference)
+    if args.json:
+        _print_json(json.loads(wide.to_json(orient="records")))
+    else:
+        print(text)
+    logging.getLogger("speechbench").info("wrote %s and %s", args.out, long_csv_path(args.out))
     return 0
 
 
@@ -260,26 +286,50 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    if args.what == "upstreams":
+def _list_items(what: str) -> list[dict]:
+    """The rows ``bench list WHAT`` prints: one dict per item (the ``--json`` output)."""
+    if what == "upstreams":
         from speechbench.upstreams.registry import list_upstreams
 
-        for entry in list_upstreams():
-            lines = entry.summary.strip().splitlines() or [""]
-            print(f"{entry.name:<18} {lines[0]}")
-            for line in lines[1:]:
-                print(f"{'':<18} {line.strip()}")
-    elif args.what == "tasks":
+        return [{"name": e.name, "summary": e.summary.strip(), "needs_weights": e.needs_weights}
+                for e in list_upstreams()]
+    if what == "families":
+        from speechbench.upstreams.families import list_families
+
+        return [{"name": f.name, "title": f.title, "summary": f.summary, "hf_model_type": f.hf_model_type,
+                 "pretrain": f.pretrain} for f in list_families()]
+    if what == "tasks":
         from speechbench.downstreams.tasks import list_tasks
 
-        for t in list_tasks():
-            direction = "higher is better" if t.higher_is_better else "lower is better"
-            print(f"{t.name:<5} {t.summary} [{t.metric}, {t.unit}, {direction}; real corpus: {t.real_corpus}]")
-    else:
-        from speechbench.benchmark.config import find_recipe, list_recipes, load_raw_recipe
+        return [{"name": t.name, "summary": t.summary, "metric": t.metric, "unit": t.unit,
+                 "higher_is_better": t.higher_is_better, "granularity": t.granularity,
+                 "real_corpus": t.real_corpus, "folds": list(t.folds)} for t in list_tasks()]
+    from speechbench.benchmark.config import find_recipe, list_recipes, load_raw_recipe
 
-        for name in list_recipes():
-            print(f"{name:<16} {load_raw_recipe(find_recipe(name)).get('description', '')}")
+    return [{"name": n, "description": load_raw_recipe(find_recipe(n)).get("description", "")} for n in list_recipes()]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    items = _list_items(args.what)
+    if args.json:
+        _print_json(items)
+        return 0
+    for item in items:
+        if args.what == "upstreams":
+            lines = item["summary"].splitlines() or [""]
+            print(f"{item['name']:<18} {lines[0]}")
+            for line in lines[1:]:
+                print(f"{'':<18} {line.strip()}")
+        elif args.what == "families":
+            extra = (f"; HF model_type {item['hf_model_type']}" if item["hf_model_type"] else "") + \
+                    ("; bench pretrain --model " + item["name"] if item["pretrain"] else "")
+            print(f"{item['name']:<10} {item['title']}: {item['summary']}{extra}")
+        elif args.what == "tasks":
+            direction = "higher is better" if item["higher_is_better"] else "lower is better"
+            print(f"{item['name']:<5} {item['summary']} [{item['metric']}, {item['unit']}, {direction}; "
+                  f"real corpus: {item['real_corpus']}]")
+        else:
+            print(f"{item['name']:<16} {item['description']}")
     return 0
 
 
@@ -295,23 +345,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
-    from speechbench.benchmark.config import ConfigError
-    from speechbench.downstreams.data import DataError
-    from speechbench.upstreams.checkpoints import CheckpointError
+    from speechbench.common import SpeechbenchError
 
     handlers = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "data": cmd_data,
                 "extract": cmd_extract, "check-upstream": cmd_check_upstream, "pretrain": cmd_pretrain}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FloatingPointError) as e:
+    except SpeechbenchError as e:  # the user's input is wrong: one line (any other exception is a bug: traceback)
+        if args.verbose:
+            traceback.print_exc()
         print(f"bench: error: {e}", file=sys.stderr)
-        return 2
-    except KeyError as e:
-        print(f"bench: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bench: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`bench list upstreams | head`): not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # keep Python's exit-time flush from failing again
+        return 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from speechbench.downstreams.data import write_manifest
 from speechbench.downstreams.featurizer import WeightedLayerSum
 from speechbench.downstreams.tasks import PreparedData, Task, get_task, write_predictions_tsv
 from speechbench.upstreams.base import describe_upstream
-from speechbench.upstreams.registry import build_upstream
+from speechbench.upstreams.registry import build_upstream, local_upstream_path, upstream_slug
 
 log = logging.getLogger("speechbench")
 
@@ -59,8 +59,17 @@ class RunRequest:
 
     @property
     def upstream_label(self) -> str:
-        """The upstream's name in results: ``--upstream``, plus ``@<checkpoint file>`` when ``--ckpt`` is given."""
-        return f"{self.upstream}@{Path(self.ckpt).name}" if self.ckpt else self.upstream
+        """The upstream's name in results and its results folder: ``--upstream`` (for a local path a readable slug,
+        see :func:`upstream_slug`), plus ``@<checkpoint file>`` when ``--ckpt`` is given."""
+        return f"{self.upstream}@{Path(self.ckpt).name}" if self.ckpt else upstream_slug(self.upstream)
+
+    @property
+    def upstream_path(self) -> str | None:
+        """The resolved local checkpoint path (``--upstream PATH`` or ``--ckpt PATH``), recorded in the result."""
+        if self.ckpt:
+            return str(Path(self.ckpt).expanduser().resolve())
+        path = local_upstream_path(self.upstream)
+        return str(path) if path else None
 
 
 def default_recipe(task: str, data_root: str | None) -> str:
@@ -104,7 +113,7 @@ def run_dir_for(out_dir: Path, upstream: str, cfg: RunConfig, fold: int | None, 
     sha = config_sha256(cfg)[:8]
     fold_tag = f"-fold{fold}" if fold is not None else ""
     name = f"{cfg.recipe.replace('/', '-')}{fold_tag}-lr{_tag(cfg.optim.lr)}-seed{cfg.train.seed}-{sha}"
-    base = out_dir / upstream.replace("/", "_").replace(":", "_") / cfg.task / name
+    base = out_dir / upstream.replace("/", "_").replace(":", "_") / cfg.task / name  # labels are slugs already
     if not rerun:
         return base
     k = 2
@@ -211,7 +220,7 @@ def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepa
                                                   task.references(test_utts, prepared))
     result = {
         "schema_version": SCHEMA_VERSION,
-        "upstream": _upstream_record(upstream, req.upstream_label),
+        "upstream": {**_upstream_record(upstream, req.upstream_label), "path": req.upstream_path},
         "task": task.name,
         "recipe": {"name": cfg.recipe, "config_sha256": config_sha256(cfg)},
         "data": {"corpus": prepared.corpus, **prepared.info},

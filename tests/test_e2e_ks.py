@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import error_line
 
 from speechbench.benchmark.cli import main
 from speechbench.downstreams.data import read_manifest
@@ -27,8 +28,10 @@ def _results(out: Path, upstream: str) -> list[dict]:
 
 def test_run_writes_result_and_resolved_config(tmp_path, synth_tiny, capsys):
     assert main(["run", "--upstream", "fbank_no_cmvn", "--task", "ks", "--out", str(tmp_path), *TINY]) == 0
-    out = capsys.readouterr().out
-    assert "recipe synth/ks" in out and "synthetic corpus" in out and "test accuracy" in out
+    captured = capsys.readouterr()
+    assert "recipe synth/ks" in captured.err and "synthetic corpus" in captured.err  # logs: stderr
+    assert captured.out.startswith("* ks lr=") and "test accuracy" in captured.out  # results: stdout only
+    assert "recipe" not in captured.out
     (result,) = _results(tmp_path, "fbank_no_cmvn")
     assert RESULT_FIELDS <= set(result)
     assert result["upstream"]["name"] == "fbank_no_cmvn" and result["upstream"]["num_layers"] == 1
@@ -39,7 +42,7 @@ def test_run_writes_result_and_resolved_config(tmp_path, synth_tiny, capsys):
         assert (run_dir / name).exists(), name
     # a second identical command reuses the finished run instead of training again
     assert main(["run", "--upstream", "fbank_no_cmvn", "--task", "ks", "--out", str(tmp_path), *TINY]) == 0
-    assert "already done" in capsys.readouterr().out and len(_results(tmp_path, "fbank_no_cmvn")) == 1
+    assert "already done" in capsys.readouterr().err and len(_results(tmp_path, "fbank_no_cmvn")) == 1
 
 
 def test_fbank_scores_the_majority_class_rate_and_leaderboard_holds_both(tmp_path, synth_tiny, capsys):
@@ -74,9 +77,8 @@ def test_learning_rate_search_selects_best_on_dev(tmp_path, synth_tiny):
 
 def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     assert main(["run", "--upstream", "nope", "--task", "ks", "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("bench: error: ") and "'nope'" in err and "fbank_no_cmvn" in err
-    assert "\n" not in err
+    err = error_line(capsys.readouterr().err)
+    assert "'nope'" in err and "fbank_no_cmvn" in err
     assert main(["run", "--upstream", "fbank", "--task", "ks", "--out", str(tmp_path), "optim.nope=1"]) == 2
     assert "unknown key(s) ['nope']; valid keys: name, lr" in capsys.readouterr().err
     assert main(["run", "--upstream", "fbank", "--task", "ks", "--data-root", str(tmp_path / "sc")]) == 2
@@ -101,7 +103,7 @@ def test_killed_run_resumes_to_the_same_accuracy(tmp_path, synth_tiny):
     assert not list((tmp_path / "cut").rglob("result.json")), "the run finished before it could be killed"
     done = subprocess.run([*cmd, *args, "--out", str(tmp_path / "cut")], check=True, env=env, capture_output=True,
                           text=True)
-    assert "resumed from" in done.stdout
+    assert "resumed from" in done.stderr
     (full,) = _results(tmp_path / "full", "fbank_no_cmvn")
     (cut,) = _results(tmp_path / "cut", "fbank_no_cmvn")
     assert (cut["value"], cut["best_step"]) == (full["value"], full["best_step"])

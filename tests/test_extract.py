@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_upstreams_fixtures import tiny_apc, write_wav
+from helpers import tiny_apc, write_wav
 
 from speechbench.benchmark.cli import main
 from speechbench.benchmark.extract import extract_features, load_features, load_inputs, safe_file_name

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_upstreams_fixtures import padded_batch, speechlike, tiny_apc, tiny_cpc
+from helpers import padded_batch, speechlike, tiny_apc, tiny_cpc
 
 from speechbench.common import sha256_file
 from speechbench.upstreams.apc import APCUpstream, apc_s3prl_checkpoint

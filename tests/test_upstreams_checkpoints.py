@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from test_upstreams_fixtures import tiny_apc
+from helpers import error_line, tiny_apc
 
 from speechbench.benchmark.cli import main
 from speechbench.upstreams.apc import apc_s3prl_checkpoint
@@ -90,8 +90,8 @@ def test_hub_id_offline_fails_fast_with_one_line(tmp_path, monkeypatch, capsys):
         message = _one_line(str(err.value))
         assert expect in message and "offline" in message and todo in message, message
     assert main(["check-upstream", "hubert_large"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("bench: error: hubert_large: HF hub id facebook/hubert-large-ll60k") and "\n" not in err
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith("bench: error: hubert_large: HF hub id facebook/hubert-large-ll60k")
 
 
 def test_cards_are_listed_with_sources_and_licences(capsys):
@@ -116,7 +116,7 @@ def test_s3prl_bridge_without_s3prl_says_how_to_install():
 
 def test_s3prl_bridge_with_s3prl():
     pytest.importorskip("s3prl.nn", reason="s3prl is not importable here")
-    from test_upstreams_fixtures import padded_batch
+    from helpers import padded_batch
 
     up = build_upstream("s3prl:fbank")
     wavs, lengths = padded_batch([8000, 4000])

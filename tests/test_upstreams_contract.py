@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_upstreams_fixtures import tiny_apc, tiny_cpc, tiny_hf_model
+from helpers import tiny_apc, tiny_cpc, tiny_hf_model
 
 from speechbench.benchmark.check_upstream import check_upstream
 from speechbench.benchmark.cli import main

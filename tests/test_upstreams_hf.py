@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_upstreams_fixtures import (
+from helpers import (
     install_fake_fairseq_dictionary,
     padded_batch,
     speechlike,

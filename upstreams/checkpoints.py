@@ -245,7 +245,26 @@ def read_speechbench_json(directory: Path) -> dict:
     return meta
 
 
+PRETRAIN_UPSTREAM_DIR, PRETRAIN_CONFIG = "upstream", "pretrain.json"  # what `bench pretrain --out DIR` writes
+
+
+def pretrain_upstream_dir(path: Path) -> Path | None:
+    """``DIR/upstream`` when ``path`` is a ``bench pretrain --out DIR`` folder, else None."""
+    if (path / SPEECHBENCH_JSON).is_file() or (path / "config.json").is_file():
+        return None
+    if (path / PRETRAIN_UPSTREAM_DIR / SPEECHBENCH_JSON).is_file():
+        return path / PRETRAIN_UPSTREAM_DIR
+    if (path / PRETRAIN_CONFIG).is_file():
+        raise CheckpointError(f"{path}: a bench pretrain folder without a saved upstream yet ({PRETRAIN_UPSTREAM_DIR}/ "
+                              f"is written at the first save); resume the pretraining or wait for its first save")
+    return None
+
+
 def _detect_directory(path: Path) -> DetectedCheckpoint:
+    inner = pretrain_upstream_dir(path)
+    if inner is not None:
+        log.info("%s: a bench pretrain folder; using its %s/", path, PRETRAIN_UPSTREAM_DIR)
+        path = inner
     weights = weight_file(path)
     if (path / SPEECHBENCH_JSON).is_file():
         meta = read_speechbench_json(path)
@@ -267,8 +286,8 @@ def _detect_directory(path: Path) -> DetectedCheckpoint:
             raise CheckpointError(f"{path}: HF directory without weights (expected one of {', '.join(WEIGHT_FILES)})")
         return DetectedCheckpoint(path, "hf-dir", family.name, sha256=sha256_file(weights))
     found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
-    raise CheckpointError(f"{path}: unknown checkpoint directory (expected an HF directory with config.json, or "
-                          f"ours with {SPEECHBENCH_JSON}); found {found}")
+    raise CheckpointError(f"{path}: unknown checkpoint directory (expected an HF directory with config.json, ours "
+                          f"with {SPEECHBENCH_JSON}, or a bench pretrain --out folder); found {found}")
 
 
 def _fairseq_family(payload: Mapping) -> str | None:

@@ -21,10 +21,16 @@ from pathlib import Path
 
 import yaml
 
-from speechbench.common import UnknownNameError
+from speechbench.common import UnknownNameError, sha256_text
 from speechbench.upstreams import fbank  # noqa: F401  (registers fbank, fbank_no_cmvn, mfcc)
 from speechbench.upstreams.base import UPSTREAMS, Upstream, UpstreamEntry
-from speechbench.upstreams.checkpoints import CheckpointError, DetectedCheckpoint, detect_checkpoint
+from speechbench.upstreams.checkpoints import (
+    PRETRAIN_CONFIG,
+    PRETRAIN_UPSTREAM_DIR,
+    CheckpointError,
+    DetectedCheckpoint,
+    detect_checkpoint,
+)
 from speechbench.upstreams.families import family_names, get_family
 
 log = logging.getLogger("speechbench")
@@ -127,6 +133,27 @@ def _check_family(detected: DetectedCheckpoint, family: str, name: str) -> None:
     if detected.family != family:
         raise CheckpointError(f"{detected.path}: holds a {detected.family} model, but --upstream {name} is a {family} "
                               f"upstream; pass --upstream {detected.family} (or the path alone)")
+
+
+def local_upstream_path(name_or_path: str) -> Path | None:
+    """The resolved local path ``build_upstream`` would load ``name_or_path`` from, or None (a registered name, a
+    card, an HF hub id or an s3prl name)."""
+    text = str(name_or_path)
+    if text.startswith("s3prl:") or text in UPSTREAMS or text in load_cards():
+        return None
+    path = Path(text).expanduser()
+    return path.resolve() if path.exists() else None
+
+
+def upstream_slug(name_or_path: str) -> str:
+    """A readable, stable folder name for an upstream: its name, or for a local path the checkpoint folder (or file)
+    name plus 8 hex digits of the resolved path's sha256 (``./ckpts/my_hubert`` -> ``my_hubert-1a2b3c4d``)."""
+    path = local_upstream_path(name_or_path)
+    if path is None:
+        return str(name_or_path).replace("/", "_").replace(":", "_")
+    named = path.parent if path.name == PRETRAIN_UPSTREAM_DIR and (path.parent / PRETRAIN_CONFIG).is_file() else path
+    stem = named.stem if named.is_file() else named.name
+    return f"{stem or 'upstream'}-{sha256_text(str(path))[:8]}"
 
 
 def build_upstream(name_or_path: str, ckpt: str | None = None, trust_checkpoint: bool = False,

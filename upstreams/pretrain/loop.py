@@ -35,12 +35,13 @@ import torch
 from tqdm import tqdm
 
 from speechbench.common import SAMPLE_RATE, TrainingDivergedError
-from speechbench.upstreams.checkpoints import CheckpointError
+from speechbench.upstreams.checkpoints import PRETRAIN_CONFIG, PRETRAIN_UPSTREAM_DIR, CheckpointError
 from speechbench.upstreams.pretrain.base import Objective
 
 log = logging.getLogger("speechbench")
 
-STATE_FILE, LOG_FILE, CONFIG_FILE, UPSTREAM_DIR = "state.pt", "log.jsonl", "pretrain.json", "upstream"
+STATE_FILE, LOG_FILE = "state.pt", "log.jsonl"
+CONFIG_FILE, UPSTREAM_DIR = PRETRAIN_CONFIG, PRETRAIN_UPSTREAM_DIR  # checkpoint detection knows these names
 _TRAIN_STREAM, _PREPARE_STREAM = 0, 1  # separate NumPy streams for training batches and prepare() batches
 
 
