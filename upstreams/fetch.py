@@ -1,6 +1,6 @@
 """Remote checkpoint sources: HF hub ids and URLs, cache first, network only when allowed, never hanging.
 
-- An HF hub id (``facebook/hubert-base-ls960``) is looked up in the HF cache first (``local_files_only``); when it
+- An HF hub id (``facebook/hubert-base-ls960``) is looked up in the HF cache first (file system only); when it
   is not there and neither ``HF_HUB_OFFLINE`` nor ``SPEECHBENCH_OFFLINE`` is set, ``config.json``, the optional
   ``preprocessor_config.json`` and the weights (``model.safetensors``, else ``pytorch_model.bin``) are downloaded
   with a short connection timeout. The result is a local HF directory.
@@ -64,7 +64,8 @@ def unreachable(url: str) -> str | None:
         return None
     parts = urllib.parse.urlsplit(url)
     try:
-        socket.create_connection((parts.hostname, parts.port or 443), timeout=5.0).close()
+        port = parts.port or (80 if parts.scheme == "http" else 443)
+        socket.create_connection((parts.hostname, port), timeout=5.0).close()
     except OSError as e:
         return f"{parts.hostname} is unreachable ({type(e).__name__}: {e})"
     return None
@@ -75,8 +76,20 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
 
 
+def _from_hf_cache(repo_id: str, filename: str, revision: str | None = None) -> Path:
+    """A file in the HF cache, found by the file system alone. ``hf_hub_download(local_files_only=True)`` builds HTTP
+    headers first, and huggingface_hub 2.x then fetches an agent registry from the hub (once per process) unless
+    HF_HUB_OFFLINE was set before it was imported: a cache hit, even in our offline mode, would reach the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo_id, filename, revision=revision)
+    if not isinstance(path, str):  # None (not cached) or the "known not to exist" marker
+        raise FileNotFoundError(f"{repo_id}: {filename} is not in the HF cache")
+    return Path(path)
+
+
 def hub_directory(repo_id: str, label: str, is_card: bool = False) -> Path:
-    """A local HF directory for a hub id: from the HF cache (``local_files_only``), else downloaded if allowed."""
+    """A local HF directory for a hub id: from the HF cache (no network), else downloaded if allowed."""
     from huggingface_hub import constants, hf_hub_download
 
     prefix = f"{label}: " if label != repo_id else ""
@@ -84,7 +97,9 @@ def hub_directory(repo_id: str, label: str, is_card: bool = False) -> Path:
 
     def get(filename: str, local_only: bool, required: bool = True) -> Path | None:
         try:
-            return Path(hf_hub_download(repo_id, filename, local_files_only=local_only, etag_timeout=TIMEOUT_S))
+            if local_only:
+                return _from_hf_cache(repo_id, filename)
+            return Path(hf_hub_download(repo_id, filename, etag_timeout=TIMEOUT_S))
         except Exception as e:  # huggingface_hub raises many types (offline, missing entry, HTTP, timeouts)
             if required:
                 raise
@@ -117,11 +132,15 @@ def hub_directory(repo_id: str, label: str, is_card: bool = False) -> Path:
     raise AssertionError("unreachable")
 
 
-def _verify(path: Path, sha256: str | None, label: str) -> None:
+def _verify(path: Path, sha256: str | None, label: str, downloaded_from: str | None = None) -> None:
     if not sha256:
         return
     digest = sha256_file(path)
     if digest != sha256.lower():
+        if downloaded_from:  # the temporary file is deleted: nothing for the user to clean up
+            raise CheckpointError(f"{label}: the download of {downloaded_from} has sha256 {digest[:16]}..., "
+                                  f"the card expects {sha256[:16]}...; nothing was kept in the cache: the file at "
+                                  f"the source differs from the card's (check the card's sha256 and source)")
         raise CheckpointError(f"{label}: {path} has sha256 {digest[:16]}..., the card expects "
                               f"{sha256[:16]}...: delete the file and fetch it again")
 
@@ -143,8 +162,8 @@ def url_file(url: str, label: str, sha256: str | None = None) -> Path:
                 if why:
                     raise CheckpointError(f"{label}: {url} is not in the HF cache ({_hf_home()}) and {why}; {todo}")
             try:
-                path = Path(hf_hub_download(repo, filename, revision=revision, local_files_only=local_only,
-                                            etag_timeout=TIMEOUT_S))
+                path = (_from_hf_cache(repo, filename, revision) if local_only else
+                        Path(hf_hub_download(repo, filename, revision=revision, etag_timeout=TIMEOUT_S)))
             except Exception as e:
                 if local_only:
                     continue
@@ -167,11 +186,18 @@ def url_file(url: str, label: str, sha256: str | None = None) -> Path:
     try:
         log.info("%s: downloading %s -> %s", label, url, target)
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            expected = response.headers.get("Content-Length", "").strip()
+            received = 0
             for block in iter(lambda: response.read(1 << 20), b""):
                 f.write(block)
+                received += len(block)
+            # http.client ends a body cut short by a closed connection like a complete one: check the length
+            if expected.isdigit() and received != int(expected):
+                raise CheckpointError(f"{label}: {url} is not cached at {target} and the download was cut off after "
+                                      f"{received} of {expected} bytes (nothing was kept); try again, or {todo}")
             f.flush()
             os.fsync(f.fileno())
-        _verify(Path(tmp), sha256, label)
+        _verify(Path(tmp), sha256, label, downloaded_from=url)
         os.replace(tmp, target)
     except CheckpointError:
         raise
