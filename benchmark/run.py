@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from speechbench.benchmark.config import (
 from speechbench.benchmark.features import OnTheFlyFeatures, PooledFeatures
 from speechbench.benchmark.results import SCHEMA_VERSION, git_sha, package_versions, read_result, utc_now, write_result
 from speechbench.benchmark.train import DownstreamModel, evaluate, train
-from speechbench.common import atomic_write_text
+from speechbench.common import atomic_write_text, data_root_env
 from speechbench.downstreams.data import write_manifest
 from speechbench.downstreams.featurizer import WeightedLayerSum
 from speechbench.downstreams.tasks import PreparedData, Task, get_task, write_predictions_tsv
@@ -80,8 +79,8 @@ def data_root_for(req: RunRequest, task: Task) -> str | None:
     """``--data-root``, else ``$SPEECHBENCH_DATA_ROOT/<the task's real corpus folder>``, else None (synthetic)."""
     if req.data_root:
         return req.data_root
-    env = os.environ.get("SPEECHBENCH_DATA_ROOT")
-    return str(Path(env) / task.real_corpus) if env else None
+    env = data_root_env()
+    return str(env / task.real_corpus) if env else None
 
 
 def resolve_config(req: RunRequest, task: Task) -> RunConfig:

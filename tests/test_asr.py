@@ -184,6 +184,7 @@ def test_short_run_on_the_librispeech_layout(tmp_path, monkeypatch):
     assert json.loads((run_dir / "result.json").read_text())["value"] == result["value"]
 
 
+@pytest.mark.slow
 def test_short_run_on_the_synthetic_corpus(tmp_path, synth_tiny):
     (result,) = run(RunRequest(upstream="fbank_no_cmvn", task="asr", out_dir=str(tmp_path),
                                overrides=("data.profile=tiny",) + SMALL_ASR))

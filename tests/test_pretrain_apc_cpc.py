@@ -119,6 +119,7 @@ def reference_hidden(objective, wavs: torch.Tensor, lengths: torch.Tensor) -> tu
         return torch.stack([encoded, context], dim=1), frames
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, steps, lr, exported", [("apc", 50, 1e-3, 289_104), ("cpc", 50, 1e-3, 116_800)])
 def test_objective_learns_exports_and_loads_as_an_upstream(tmp_path, family, steps, lr, exported):
     objective = build(family)
@@ -181,6 +182,7 @@ def test_cpc_starts_from_zero_predictors_and_a_bias_free_first_conv_so_frames_di
     assert objective(wavs, lengths).loss.item() == pytest.approx(math.log(65), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_cpc_leaves_chance_at_once_on_fresh_utterances():
     # new utterances every step, as the loop draws them (a fixed batch can be memorised); the tiny size of
     # tests/test_pretrain_loop.py. With the default first-conv bias the loss stays at log(17) (0.92-1.0x after 40 steps)

@@ -167,6 +167,7 @@ def iteration1(tmp_path_factory):
     return {"objective": obj, "dir": out_dir, "before": before, "after": after, "logs": logs}
 
 
+@pytest.mark.slow
 def test_iteration1_prepare_fits_kmeans_and_the_loss_goes_down(iteration1):
     obj, before, after = iteration1["objective"], iteration1["before"], iteration1["after"]
     assert int(obj.kmeans_frames) == 3 * 8 * 99  # every frame of the three prepare batches (under the maximum)

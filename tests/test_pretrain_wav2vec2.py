@@ -256,6 +256,7 @@ def test_smooth_init_averages_taps_of_a_random_channel_mix():
         build(MICRO, dataclasses.replace(SHORT, feature_encoder_init="xavier"), seed=0)
 
 
+@pytest.mark.slow
 def test_contrastive_loss_goes_down_on_a_fixed_batch():
     obj = build(Wav2Vec2ModelOptions(), Wav2Vec2ObjectiveOptions(mask_time_length=5, num_negatives=20), seed=0)
     wavs = speech_like(4, 32000, seed=3)
@@ -267,6 +268,7 @@ def test_contrastive_loss_goes_down_on_a_fixed_batch():
     assert after["accuracy"] > before["accuracy"]
 
 
+@pytest.mark.slow
 def test_contrastive_loss_goes_below_chance_on_fresh_batches():
     """Unlike a fixed batch, which any init can memorise, fresh audio every step needs predictable targets: with
     kaiming conv kernels this stays at ln(1 + K) (about 1.00 x chance, accuracy 0.07)."""

@@ -132,6 +132,7 @@ def test_asv_trials(tiny):
         assert hard > 0, f"{split}: no hard negative trials"
 
 
+@pytest.mark.slow
 def test_same_seed_is_byte_identical_other_seed_differs(tiny, tmp_path):
     again = generate_corpus(tmp_path / "again", "tiny", seed=0, progress=False)
     assert _digest(again) == _digest(tiny)
@@ -141,6 +142,7 @@ def test_same_seed_is_byte_identical_other_seed_differs(tiny, tmp_path):
     assert sum(base[k] != other.get(k) for k in wavs) == len(wavs)
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_audio(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(synth_corpus, "_IN_PROCESS_MAX_JOBS", 0)  # force the worker pool even for tiny
     out = synth_corpus._generate(tmp_path / "ks", "tiny", 0, progress=False, tasks=("ks",), workers=2,
@@ -169,6 +171,7 @@ def test_no_digital_silence(tiny):
         assert _longest_zero_run(x) < 50, wav.name
 
 
+@pytest.mark.slow
 def test_loudness_does_not_reveal_emotion(tmp_path):
     profile = dataclasses.replace(PROFILES["tiny"], er=(4, 6))  # 480 utterances: a stable accuracy estimate
     root = synth_corpus._generate(tmp_path / "er", profile, 0, progress=False, tasks=("er",))

@@ -137,12 +137,17 @@ def _check_family(detected: DetectedCheckpoint, family: str, name: str) -> None:
 
 def local_upstream_path(name_or_path: str) -> Path | None:
     """The resolved local path ``build_upstream`` would load ``name_or_path`` from, or None (a registered name, a
-    card, an HF hub id or an s3prl name)."""
+    card, an HF hub id or an s3prl name). ``DIR/upstream`` of a ``bench pretrain --out DIR`` folder gives ``DIR``."""
     text = str(name_or_path)
     if text.startswith("s3prl:") or text in UPSTREAMS or text in load_cards():
         return None
     path = Path(text).expanduser()
-    return path.resolve() if path.exists() else None
+    if not path.exists():
+        return None
+    path = path.resolve()
+    if path.name == PRETRAIN_UPSTREAM_DIR and (path.parent / PRETRAIN_CONFIG).is_file():
+        return path.parent  # DIR/upstream of a `bench pretrain --out DIR` folder: the same checkpoint as DIR
+    return path
 
 
 def upstream_slug(name_or_path: str) -> str:
@@ -151,8 +156,7 @@ def upstream_slug(name_or_path: str) -> str:
     path = local_upstream_path(name_or_path)
     if path is None:
         return str(name_or_path).replace("/", "_").replace(":", "_")
-    named = path.parent if path.name == PRETRAIN_UPSTREAM_DIR and (path.parent / PRETRAIN_CONFIG).is_file() else path
-    stem = named.stem if named.is_file() else named.name
+    stem = path.stem if path.is_file() else path.name
     return f"{stem or 'upstream'}-{sha256_text(str(path))[:8]}"
 
 
