@@ -1,7 +1,8 @@
 """Published reference results, versioned as data: the anchors of the SUPERB score.
 
 A reference set is one CSV in ``leaderboard/reference/`` (one row per upstream, one column per task metric named
-like the wide table's, e.g. ``KS_acc``; other columns such as ``params_m`` and ``source`` are kept but not scored).
+like the wide table's, e.g. ``KS_acc``; other columns such as ``params_m``, ``checked`` and ``source`` are kept but not
+scored). ``checked`` says whether a row's values were confirmed against the publication named in ``source``.
 ``reference/sets.csv`` is the index of sets: ``name``, ``date``, ``file``, ``baseline`` (the row that scores 0,
 FBANK in SUPERB), ``description``, ``source``. Adding a set means adding a CSV and one index row, no code.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from speechbench.common import UnknownNameError
 from speechbench.leaderboard.columns import column_direction
 
 DEFAULT_REFERENCE = "superb_paper_2021"
@@ -58,7 +60,7 @@ def load_reference(name: str = DEFAULT_REFERENCE) -> ReferenceSet:
     row = index[index["name"] == name]
     if row.empty:
         known = ", ".join(index["name"])
-        raise ValueError(f"unknown reference set {name!r}; available: {known}")
+        raise UnknownNameError(f"unknown reference set {name!r}; available: {known}")
     meta = row.iloc[0]
     with resources.as_file(_reference_dir() / meta["file"]) as path:
         table = pd.read_csv(path)

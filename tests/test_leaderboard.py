@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from speechbench.common import UnknownNameError
 from speechbench.leaderboard.build import build_leaderboard, long_csv_path
 from speechbench.leaderboard.collect import NoResultsError, collect_results
 from speechbench.leaderboard.references import load_reference, reference_from_table
@@ -198,8 +199,9 @@ def test_shipped_reference_set():
     best = ref.best_values()
     assert best["PR_per"] == 3.53 and best["KS_acc"] == 96.66 and best["ASV_eer"] == 5.11
     assert list(ref.table.reset_index().columns) == ["upstream", "params_m", "PR_per", "KS_acc", "IC_acc", "SID_acc",
-                                                     "ER_acc", "ASR_wer", "ASV_eer", "source"]
-    with pytest.raises(ValueError, match="unknown reference set"):
+                                                     "ER_acc", "ASR_wer", "ASV_eer", "checked", "source"]
+    assert set(ref.table["checked"]) == {"no"}  # recalled values: none confirmed against the paper's table yet
+    with pytest.raises(UnknownNameError, match="unknown reference set"):
         load_reference("nope")
 
 
