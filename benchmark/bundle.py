@@ -7,7 +7,8 @@ iterations, the second clustering the first one's hidden layer) and the same com
 for the random-initialised twin (same architecture and seed, no update). Work directories are resumable. With
 ``--install`` the exported upstreams are copied into ``upstreams/bundled/<family>-synth[-random]`` with weights
 stored as float16 (to keep the package small), and a card ``upstreams/cards/<name>.yaml`` records the exact
-command, recipe, data, seed, steps and the sha256 of the shipped weights.
+command, recipe, data, seed, steps and the sha256 of the shipped weights. The cards' cost fields (``params_m``,
+``gflops_per_s``) are then filled by ``python tests/benchmarks/card_costs.py --write``.
 """
 
 from __future__ import annotations

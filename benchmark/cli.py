@@ -291,8 +291,8 @@ def _list_items(what: str) -> list[dict]:
     if what == "upstreams":
         from speechbench.upstreams.registry import list_upstreams
 
-        return [{"name": e.name, "summary": e.summary.strip(), "needs_weights": e.needs_weights}
-                for e in list_upstreams()]
+        return [{"name": e.name, "summary": e.summary.strip(), "needs_weights": e.needs_weights,
+                 "params_m": e.params_m, "gflops_per_s": e.gflops_per_s} for e in list_upstreams()]
     if what == "families":
         from speechbench.upstreams.families import list_families
 
@@ -323,7 +323,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         elif args.what == "families":
             extra = (f"; HF model_type {item['hf_model_type']}" if item["hf_model_type"] else "") + \
                     ("; bench pretrain --model " + item["name"] if item["pretrain"] else "")
-            print(f"{item['name']:<10} {item['title']}: {item['summary']}{extra}")
+            print(f"{item['name']:<14} {item['title']}: {item['summary']}{extra}")
         elif args.what == "tasks":
             direction = "higher is better" if item["higher_is_better"] else "lower is better"
             print(f"{item['name']:<5} {item['summary']} [{item['metric']}, {item['unit']}, {direction}; "

@@ -63,6 +63,9 @@ def error_line(stderr: str) -> str:
 TINY_HF = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16,) * 7,
                num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
 CONV_LAYERS = "[(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16,2,2)] * 2"
+# data2vec-audio: num_conv_pos_embeddings counts its stacked positional conv layers, of conv_pos_kernel_size each
+TINY_DATA2VEC = dict(TINY_HF, num_conv_pos_embeddings=3, conv_pos_kernel_size=5)
+TINY_WAVLM = dict(TINY_HF, num_buckets=16, max_bucket_distance=40)  # few buckets: short inputs reach the log ones
 
 
 def jitter(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -75,18 +78,28 @@ def jitter(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.M
 
 
 def tiny_hf_model(family: str = "hubert", large: bool = False, seed: int = 0):
-    """A 2-layer, 32-d wav2vec2/HuBERT; ``large``: layer-norm feature extractor + pre-LN ("stable") encoder."""
-    from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model
+    """A 2-layer, 32-d wav2vec2/HuBERT/WavLM/data2vec-audio; ``large``: layer-norm feature extractor + pre-LN
+    ("stable") encoder (data2vec-audio has a layer-norm extractor and a post-LN encoder whatever ``large`` says)."""
+    import transformers
 
     torch.manual_seed(seed)
-    extra = dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True) if large else {}
-    cls, cfg = (HubertModel, HubertConfig) if family == "hubert" else (Wav2Vec2Model, Wav2Vec2Config)
-    return jitter(cls(cfg(**TINY_HF, **extra)).eval(), seed)
+    name = {"hubert": "Hubert", "wav2vec2": "Wav2Vec2", "wavlm": "WavLM", "data2vec_audio": "Data2VecAudio"}[family]
+    config = {"wavlm": TINY_WAVLM, "data2vec_audio": TINY_DATA2VEC}.get(family, TINY_HF)
+    if large and family != "data2vec_audio":
+        config = dict(config, feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)
+    model = getattr(transformers, f"{name}Model")(getattr(transformers, f"{name}Config")(**config))
+    return jitter(model.eval(), seed)
 
 
 def hf_to_fairseq_key(key: str, layer_norm_extractor: bool) -> str | None:
     """fairseq's name for an HF wav2vec2/HuBERT key (None: no fairseq counterpart)."""
     rules = [
+        (r"encoder\.pos_conv_embed\.layers\.(\d+)\.conv\.(\w+)", r"encoder.pos_conv.\1.0.\2"),  # data2vec
+        (r"encoder\.layers\.(\d+)\.attention\.gru_rel_pos_linear\.(\w+)",
+         r"encoder.layers.\1.self_attn.grep_linear.\2"),
+        (r"encoder\.layers\.(\d+)\.attention\.gru_rel_pos_const", r"encoder.layers.\1.self_attn.grep_a"),
+        (r"encoder\.layers\.(\d+)\.attention\.rel_attn_embed\.weight",
+         r"encoder.layers.\1.self_attn.relative_attention_bias.weight"),
         (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(\w+)", r"feature_extractor.conv_layers.\1.0.\2"),
         (r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(\w+)",
          r"feature_extractor.conv_layers.\1.2.1.\2" if layer_norm_extractor else
@@ -113,19 +126,32 @@ def hf_to_fairseq_key(key: str, layer_norm_extractor: bool) -> str | None:
     return None
 
 
+def _uses_layer_norm_extractor(model) -> bool:
+    return getattr(model.config, "feat_extract_norm", "layer") == "layer"  # data2vec-audio: always
+
+
 def fairseq_model_cfg(model, family: str) -> dict:
+    """The model config fairseq (or unilm's WavLM) saves for ``model``."""
     c = model.config
-    return {"_name": family, "extractor_mode": "layer_norm" if c.feat_extract_norm == "layer" else "default",
-            "encoder_layers": c.num_hidden_layers, "encoder_embed_dim": c.hidden_size,
-            "encoder_ffn_embed_dim": c.intermediate_size, "encoder_attention_heads": c.num_attention_heads,
-            "activation_fn": "gelu", "layer_norm_first": c.do_stable_layer_norm, "conv_feature_layers": CONV_LAYERS,
-            "conv_bias": c.conv_bias, "conv_pos": c.num_conv_pos_embeddings,
-            "conv_pos_groups": c.num_conv_pos_embedding_groups, "dropout": 0.1, "mask_prob": 0.65,
-            "feature_grad_mult": 0.1, "final_dim": 8}
+    cfg = {"_name": family, "extractor_mode": "layer_norm" if _uses_layer_norm_extractor(model) else "default",
+           "encoder_layers": c.num_hidden_layers, "encoder_embed_dim": c.hidden_size,
+           "encoder_ffn_embed_dim": c.intermediate_size, "encoder_attention_heads": c.num_attention_heads,
+           "activation_fn": "gelu", "layer_norm_first": getattr(c, "do_stable_layer_norm", False),
+           "conv_feature_layers": CONV_LAYERS, "conv_bias": c.conv_bias, "conv_pos": c.num_conv_pos_embeddings,
+           "conv_pos_groups": c.num_conv_pos_embedding_groups, "dropout": 0.1, "mask_prob": 0.65,
+           "feature_grad_mult": 0.1, "final_dim": 8}
+    if family == "data2vec_audio":  # fairseq: pos_conv_depth layers of kernel conv_pos // pos_conv_depth
+        cfg.update(conv_pos=c.conv_pos_kernel_size * c.num_conv_pos_embeddings + 1,
+                   pos_conv_depth=c.num_conv_pos_embeddings, ema_decay=0.999, average_top_k_layers=2)
+    if family == "wavlm":  # unilm's WavLMConfig: flat, no model name
+        del cfg["_name"]
+        cfg.update(relative_position_embedding=True, num_buckets=c.num_buckets, max_distance=c.max_bucket_distance,
+                   gru_rel_pos=True, mask_channel_prob=0.0)
+    return cfg
 
 
 def fairseq_state(model, family: str) -> dict:
-    layer_norm = model.config.feat_extract_norm == "layer"
+    layer_norm = _uses_layer_norm_extractor(model)
     state = {}
     for k, v in model.state_dict().items():
         name = hf_to_fairseq_key(k, layer_norm)
@@ -135,6 +161,10 @@ def fairseq_state(model, family: str) -> dict:
     state["final_proj.weight"] = torch.randn(8, model.config.hidden_size)
     if family == "hubert":
         state["label_embs_concat"] = torch.randn(5, 8)
+    elif family == "data2vec_audio":  # fairseq saves the EMA teacher's parameters as a dict under "_ema"
+        state["_ema"] = {"encoder.layers.0.fc1.weight": torch.randn(4, 4)}
+    elif family == "wavlm":  # unilm's WavLM has no pre-training head beyond mask_emb
+        del state["final_proj.weight"]
     else:
         state["quantizer.vars"] = torch.randn(1, 4, 8)
         state["project_q.weight"] = torch.randn(8, 8)
@@ -160,11 +190,14 @@ def install_fake_fairseq_dictionary(monkeypatch) -> type:
 def write_fairseq_checkpoint(path: Path, model, family: str, normalize: bool, style: str = "cfg",
                              dictionary_cls: type | None = None) -> Path:
     """A fairseq-shaped checkpoint of ``model``: ``style`` "cfg" (hydra era), "args" (Namespace), "s3prl"
-    (s3prl's converted layout) or "finetuned" (``w2v_encoder.w2v_model.`` prefix, config in ``w2v_args``)."""
+    (s3prl's converted layout), "finetuned" (``w2v_encoder.w2v_model.`` prefix, config in ``w2v_args``) or "unilm"
+    (WavLM's original release: ``{"cfg": flat model config with normalize, "model": state}``)."""
     model_cfg, state = fairseq_model_cfg(model, family), fairseq_state(model, family)
     task_cfg = {"_name": f"{family}_pretraining" if family == "hubert" else "audio_pretraining",
                 "normalize": normalize, "sample_rate": 16000, "data": "/data/manifests"}
-    if style == "cfg":
+    if style == "unilm":
+        payload = {"cfg": {**model_cfg, "normalize": normalize}, "model": state}
+    elif style == "cfg":
         payload = {"args": None, "cfg": {"model": model_cfg, "task": task_cfg, "common": {"seed": 1}},
                    "model": state, "optimizer_history": [{"criterion_name": "Wav2vecCriterion", "num_updates": 10,
                                                           "lr_scheduler_state": {"best": None}}],

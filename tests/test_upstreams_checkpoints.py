@@ -96,14 +96,17 @@ def test_hub_id_offline_fails_fast_with_one_line(tmp_path, monkeypatch, capsys):
 
 def test_cards_are_listed_with_sources_and_licences(capsys):
     cards = load_cards()
-    assert set(cards) >= {"wav2vec2", "wav2vec2_large", "hubert", "hubert_large", "apc", "cpc"}
-    assert {c.family for c in cards.values()} == {"wav2vec2", "hubert", "apc", "cpc"}
+    assert set(cards) >= {"wav2vec2", "wav2vec2_large", "hubert", "hubert_large", "apc", "cpc", "wavlm_base",
+                          "wavlm_base_plus", "wavlm_large", "data2vec_base", "data2vec_large", "distilhubert"}
+    assert {c.family for c in cards.values()} == {"wav2vec2", "hubert", "wavlm", "data2vec_audio", "distilhubert",
+                                                  "apc", "cpc"}
+    assert all(c.params_m and c.gflops_per_s for c in cards.values())
     assert all(c.license and c.source for c in cards.values())
     names = [e.name for e in list_upstreams()]
     assert names == sorted(names) and {"fbank", "hubert", "apc"} <= set(names)
     assert main(["list", "upstreams"]) == 0
     out = capsys.readouterr().out
-    assert "facebook/hubert-large-ll60k" in out and "fbank_no_cmvn" in out
+    assert "facebook/hubert-large-ll60k" in out and "fbank_no_cmvn" in out and "microsoft/wavlm-base-plus" in out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("s3prl") is not None, reason="s3prl is installed")

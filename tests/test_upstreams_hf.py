@@ -132,9 +132,15 @@ def test_local_hf_directory_and_our_format(tmp_path, normalize):
     assert build_upstream(str(hf_dir)).normalize is False
 
 
-@pytest.mark.parametrize("family,large", [("wav2vec2", False), ("hubert", True)])
-@pytest.mark.parametrize("style", ["cfg", "args", "s3prl", "finetuned"])
+ORIGINAL_CHECKPOINTS = [(family, large, style) for family, large in (("wav2vec2", False), ("hubert", True))
+                        for style in ("cfg", "args", "s3prl", "finetuned")] + [
+    ("wavlm", False, "unilm"), ("wavlm", True, "unilm"),  # WavLM as unilm released it (Base and Large layouts)
+    ("data2vec_audio", False, "cfg"), ("data2vec_audio", True, "s3prl"), ("data2vec_audio", False, "finetuned")]
+
+
+@pytest.mark.parametrize("family,large,style", ORIGINAL_CHECKPOINTS)
 def test_fairseq_and_s3prl_checkpoints_convert_to_the_same_outputs(tmp_path, monkeypatch, family, large, style):
+    """``large`` also sets the checkpoint's ``normalize`` (data2vec-audio has one layout whatever it says)."""
     model = tiny_hf_model(family, large, seed=2)
     dictionary = install_fake_fairseq_dictionary(monkeypatch) if family == "hubert" and style == "cfg" else None
     path = write_fairseq_checkpoint(tmp_path / "ckpt.pt", model, family, normalize=large, style=style,
@@ -142,7 +148,7 @@ def test_fairseq_and_s3prl_checkpoints_convert_to_the_same_outputs(tmp_path, mon
     for name in ("fairseq.data.dictionary", "fairseq.data", "fairseq"):  # loading must not need fairseq
         monkeypatch.delitem(__import__("sys").modules, name, raising=False)
     up = build_upstream(str(path))
-    assert up.checkpoint_format == ("s3prl" if style == "s3prl" else "fairseq")
+    assert up.checkpoint_format == {"s3prl": "s3prl", "unilm": "unilm"}.get(style, "fairseq")
     assert up.family == family and up.normalize is large and up.checkpoint_sha256 == sha256_file(path)
     ref = HFUpstream(model, "ref", family, normalize=large, norm_eps=FAIRSEQ_NORM_EPS)
     wavs, lengths = padded_batch(LENGTHS)

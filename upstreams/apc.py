@@ -29,7 +29,7 @@ from torch import nn
 
 from speechbench.common import SAMPLE_RATE
 from speechbench.upstreams.base import UpstreamOutput, freeze
-from speechbench.upstreams.checkpoints import CheckpointError, DetectedCheckpoint
+from speechbench.upstreams.checkpoints import CheckpointError, DetectedCheckpoint, config_from_dict, load_weights
 from speechbench.upstreams.families import register_family
 from speechbench.upstreams.features import (
     frame_waves,
@@ -57,11 +57,7 @@ class APCConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> APCConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise CheckpointError(f"APC config has unknown key(s) {unknown}; known: {sorted(names)}")
-        return cls(**dict(d))
+        return config_from_dict(cls, d, "APC")
 
     @classmethod
     def from_s3prl(cls, config: Mapping) -> APCConfig:
@@ -188,29 +184,20 @@ class APCUpstream(nn.Module):
         return UpstreamOutput(hidden=hidden * mask, lengths=counts)
 
 
-def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    try:
-        model.load_state_dict(dict(state), strict=True)
-    except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise CheckpointError(f"{source}: weights do not match the APC its config describes ({lines[-1][:200]})") \
-            from None
-
-
 def apc_from_s3prl(payload: Mapping, name: str, source: str, checkpoint_format: str = "s3prl",
                    sha256: str | None = None) -> APCUpstream:
     """From an s3prl APC checkpoint dict ``{"config", "model"}``."""
     from speechbench.upstreams.checkpoints import to_plain
 
     model = APC(APCConfig.from_s3prl(to_plain(payload["config"])))
-    _load_state(model, payload["model"], source)
+    load_weights(model, payload["model"], source, "APC")
     return APCUpstream(model, name, checkpoint_format, sha256)
 
 
 def apc_from_ours(config: Mapping, state: Mapping[str, torch.Tensor], name: str, source: str,
                   sha256: str | None = None) -> APCUpstream:
     model = APC(APCConfig.from_dict(config))
-    _load_state(model, state, source)
+    load_weights(model, state, source, "APC")
     return APCUpstream(model, name, "speechbench", sha256)
 
 

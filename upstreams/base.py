@@ -67,6 +67,8 @@ class UpstreamEntry:
     build: Callable[..., Upstream]
     summary: str
     needs_weights: bool = False
+    params_m: float | None = None  # millions of parameters (cards: tests/benchmarks/card_costs.py)
+    gflops_per_s: float | None = None  # GFLOPs per second of audio
 
 
 UPSTREAMS: dict[str, UpstreamEntry] = {}

@@ -20,11 +20,14 @@ Formats (:func:`detect_checkpoint`), by content rather than by file name:
 ``speechbench``   a directory with ``speechbench.json`` (family), ``config.json`` and ``model.safetensors``; for
                   wav2vec2/HuBERT it is also a loadable HF directory (plus ``preprocessor_config.json``)
 ``hf-dir``        a directory with an HF ``config.json`` whose ``model_type`` a registered family serves
-``fairseq``       a pickle ``{"cfg" or "args": ..., "model": state_dict}`` of a wav2vec 2.0/HuBERT (or their
-                  fine-tuned ``*_ctc``) model, converted in-process by :mod:`upstreams.fairseq_convert`
-``s3prl``         a pickle of s3prl's layouts: converted wav2vec2/HuBERT ``{"task_cfg", "model_cfg",
-                  "model_weight"[, "dictionaries_symbols"]}``; APC ``{"config": {"model": {"paras"}, "data":
-                  {"audio"}}, "model": state_dict}``; CPC (libri-light) ``{"config": args dict, "weights": ...}``
+``fairseq``       a pickle ``{"cfg" or "args": ..., "model": state_dict}`` of a wav2vec 2.0/HuBERT/data2vec-audio
+                  (or their fine-tuned ``*_ctc``) model, converted in-process by :mod:`upstreams.fairseq_convert`
+``unilm``         WavLM as Microsoft's unilm code released it: ``{"cfg": flat dict, "model": state_dict}``, converted
+                  by the same module
+``s3prl``         a pickle of s3prl's layouts: converted wav2vec2/HuBERT/data2vec ``{"task_cfg", "model_cfg",
+                  "model_weight"[, "dictionaries_symbols"]}``; DistilHuBERT ``{"Config": {"distiller": ...},
+                  "Distiller": state_dict, ...}``; APC ``{"config": {"model": {"paras"}, "data": {"audio"}},
+                  "model": state_dict}``; CPC (libri-light) ``{"config": args dict, "weights": ...}``
 ================  =============================================================================================
 """
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -215,8 +219,8 @@ class DetectedCheckpoint:
     """What a checkpoint path holds: its format, model family and (for pickles) the loaded payload."""
 
     path: Path
-    format: str  # speechbench | hf-dir | fairseq | s3prl
-    family: str  # wav2vec2 | hubert | apc | cpc
+    format: str  # speechbench | hf-dir | fairseq | unilm | s3prl
+    family: str  # a registered family: wav2vec2 | hubert | wavlm | data2vec_audio | distilhubert | apc | cpc
     payload: Any = None  # the loaded pickle (fairseq / s3prl); None for directories
     sha256: str | None = None
     info: dict = field(default_factory=dict)
@@ -301,14 +305,19 @@ def classify_payload(payload: Any) -> tuple[str, str] | None:
     if not isinstance(payload, Mapping):
         return None
     keys = set(payload)
-    if {"task_cfg", "model_cfg", "model_weight"} <= keys:  # s3prl's converted wav2vec2 / HuBERT
+    if {"task_cfg", "model_cfg", "model_weight"} <= keys:  # s3prl's converted wav2vec2 / HuBERT / data2vec
         family = _fairseq_family({"cfg": {"model": to_plain(payload["model_cfg"])}, "model": payload["model_weight"]})
         if "dictionaries_symbols" in keys:
             family = "hubert"
         return ("s3prl", family) if family else None
     if "model" in keys and ("cfg" in keys or "args" in keys):
+        from speechbench.upstreams.fairseq_convert import is_flat_unilm_cfg
+
         family = _fairseq_family(payload)
-        return ("fairseq", family) if family else None
+        unilm = family == "wavlm" and is_flat_unilm_cfg(to_plain(payload.get("cfg")))
+        return ("unilm" if unilm else "fairseq", family) if family else None
+    if {"Config", "Distiller"} <= keys:  # s3prl's distiller (DistilHuBERT)
+        return "s3prl", "distilhubert"
     config = to_plain(payload.get("config"))
     if isinstance(config, Mapping):
         if "model" in keys and isinstance(config.get("model"), Mapping) and "paras" in config["model"]:
@@ -318,7 +327,8 @@ def classify_payload(payload: Any) -> tuple[str, str] | None:
     return None
 
 
-KNOWN_LAYOUTS = ("fairseq {cfg|args, model}", "s3prl converted {task_cfg, model_cfg, model_weight}",
+KNOWN_LAYOUTS = ("fairseq {cfg|args, model}", "unilm WavLM {cfg, model}",
+                 "s3prl converted {task_cfg, model_cfg, model_weight}", "s3prl DistilHuBERT {Config, Distiller}",
                  "s3prl APC {config, model}", "s3prl/libri-light CPC {config, weights}")
 
 
@@ -372,6 +382,26 @@ def save_speechbench_checkpoint(out_dir: str | os.PathLike, family: str, config:
     atomic_write_bytes(out_dir / "model.safetensors", save(tensors, metadata={"family": family}))
     atomic_write_text(out_dir / SPEECHBENCH_JSON, json.dumps(meta, indent=2, sort_keys=True))  # last: marks it complete
     return out_dir
+
+
+def config_from_dict(cls: type, d: Mapping, what: str) -> Any:
+    """A config dataclass from our ``config.json`` (``what``: "APC", ...): every key must be one of its fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise CheckpointError(f"{what} config has unknown key(s) {unknown}; known: {sorted(names)}")
+    return cls(**dict(d))
+
+
+def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, what: str) -> None:
+    """``model.load_state_dict(state, strict=True)``; a mismatch (missing, unexpected or misshapen weights) is a
+    one-line :class:`CheckpointError` naming ``source``."""
+    try:
+        model.load_state_dict(dict(state), strict=True)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise CheckpointError(f"{source}: weights do not match the {what} its config describes "
+                              f"({'; '.join(lines[1:])[:240]})") from None
 
 
 def write_speechbench_json(out_dir: str | os.PathLike, family: str, extra: dict | None = None) -> None:

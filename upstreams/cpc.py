@@ -33,7 +33,7 @@ from torch import nn
 
 from speechbench.common import SAMPLE_RATE
 from speechbench.upstreams.base import UpstreamOutput, freeze
-from speechbench.upstreams.checkpoints import CheckpointError, DetectedCheckpoint
+from speechbench.upstreams.checkpoints import CheckpointError, DetectedCheckpoint, config_from_dict, load_weights
 from speechbench.upstreams.families import register_family
 
 CONV_SPECS = ((10, 5, 3), (8, 4, 2), (4, 2, 1), (4, 2, 1), (4, 2, 1))  # (kernel, stride, padding)
@@ -61,11 +61,7 @@ class CPCConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> CPCConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise CheckpointError(f"CPC config has unknown key(s) {unknown}; known: {sorted(names)}")
-        return cls(**dict(d))
+        return config_from_dict(cls, d, "CPC")
 
     @classmethod
     def from_s3prl(cls, config: Mapping) -> CPCConfig:
@@ -199,13 +195,7 @@ class CPCUpstream(nn.Module):
 
 def _load_state(model: CPCModel, state: Mapping[str, torch.Tensor], source: str, strict: bool) -> None:
     ours = set(model.state_dict())
-    state = {k: v for k, v in state.items() if k in ours or strict}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise CheckpointError(f"{source}: weights do not match the CPC its config describes ({lines[-1][:200]})") \
-            from None
+    load_weights(model, {k: v for k, v in state.items() if k in ours or strict}, source, "CPC")
 
 
 def cpc_from_s3prl(payload: Mapping, name: str, source: str, sha256: str | None = None) -> CPCUpstream:

@@ -1,9 +1,9 @@
 """Model families: the one registry that every place which enumerates families reads.
 
-A family is a model architecture with checkpoints (wav2vec 2.0, HuBERT, APC, CPC). Its module registers a loader
-with :func:`register_family`; checkpoint detection, cards, ``bench pretrain --model`` and the bundled upstreams all
-ask this registry rather than keeping their own list. Adding a family is its module (plus one line in
-``BUILTIN_FAMILY_MODULES``) and a card in ``upstreams/cards/``; see docs/extending.md.
+A family is a model architecture with checkpoints (wav2vec 2.0, HuBERT, WavLM, data2vec-audio, DistilHuBERT, APC,
+CPC). Its module registers a loader with :func:`register_family`; checkpoint detection, cards, ``bench pretrain
+--model`` and the bundled upstreams all ask this registry rather than keeping their own list. Adding a family is its
+module (plus one line in ``BUILTIN_FAMILY_MODULES``) and a card in ``upstreams/cards/``; see docs/extending.md.
 
 Weight-free upstreams (``fbank`` ...) are not families: they register with
 :func:`speechbench.upstreams.base.register_upstream`.
@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from speechbench.upstreams.checkpoints import DetectedCheckpoint
 
 # Modules whose import registers the built-in families (imported on first lookup, so this module stays light).
-BUILTIN_FAMILY_MODULES = ("speechbench.upstreams.hf", "speechbench.upstreams.apc", "speechbench.upstreams.cpc")
+BUILTIN_FAMILY_MODULES = ("speechbench.upstreams.hf", "speechbench.upstreams.apc", "speechbench.upstreams.cpc",
+                          "speechbench.upstreams.distilhubert")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,11 @@
-"""wav2vec 2.0 and HuBERT upstreams through ``transformers`` (``Wav2Vec2Model`` / ``HubertModel``).
+"""wav2vec 2.0, HuBERT, WavLM and data2vec-audio upstreams through ``transformers`` (``Wav2Vec2Model``,
+``HubertModel``, ``WavLMModel``, ``Data2VecAudioModel``).
+
+The four share the wav2vec 2.0 layout (CNN feature extractor, feature projection, convolutional positional
+embedding, transformer encoder); the differences that matter here: WavLM adds a gated relative position bias to the
+attention of every layer (relative, so padding never changes it); data2vec-audio always uses a layer-norm feature
+extractor, a post-LN encoder and a stack of positional conv layers (``conv_pos_kernel_size`` x
+``num_conv_pos_embeddings``, each conv -> LayerNorm -> GELU) instead of one weight-normed conv.
 
 Conventions (SUPERB / s3prl):
 
@@ -15,7 +22,8 @@ Conventions (SUPERB / s3prl):
     instead: the fairseq encoder output that s3prl's hooks expose.
 - **Layer drop** off (``config.layerdrop = 0``), eval mode, no gradients, no SpecAugment masking (eval).
 - **Attention mask** only for checkpoints whose feature extractor uses layer norm (``feat_extract_norm ==
-  "layer"``, the Large models); Base models (group norm) were trained without one.
+  "layer"``: the Large models, and every data2vec-audio model, whose config has no ``feat_extract_norm``); Base
+  models (group norm) were trained without one.
 - **Waveform normalisation** (zero mean, unit variance per utterance over its valid samples) only where the
   checkpoint asks: HF ``preprocessor_config.json`` ``do_normalize`` (eps 1e-7, as ``Wav2Vec2FeatureExtractor``),
   fairseq/s3prl ``task.normalize`` (eps 1e-5, as fairseq's ``F.layer_norm``), our ``speechbench.json``
@@ -31,7 +39,12 @@ Conventions (SUPERB / s3prl):
   frames, and the frame mask goes to the encoder (padded frames zeroed before the positional conv, excluded from
   attention). Each utterance then sees exactly what it sees alone, where the convention (no mask, no padding) holds
   trivially; batches of equal lengths run untouched. Should a future ``transformers`` change that layer's layout,
-  we fall back to sub-batches of equal-length utterances (also exact, slower on variable lengths).
+  we fall back to sub-batches of equal-length utterances (also exact, slower on variable lengths); so we do for a
+  positional embedding of an unknown layout.
+  data2vec-audio's stacked positional convs need one more step: the encoder zeroes padded frames only before the
+  first of them, so the later ones would read the (non-zero) padded outputs of the earlier ones near the end of a
+  short utterance; for a padded batch, a pre-hook zeroes the padded frames at the input of every positional conv
+  layer, which is what the utterance alone sees (the conv's own zero padding).
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -82,8 +96,59 @@ def normalize_waveforms(wavs: torch.Tensor, wav_lengths: torch.Tensor, eps: floa
     return (wavs - mean) / torch.sqrt(var + eps) * mask
 
 
+def receptive_field(kernels: tuple[int, ...], strides: tuple[int, ...]) -> int:
+    """Input samples that one output frame of a stack of (kernel, stride) convolutions sees (400 for wav2vec 2.0)."""
+    return 1 + sum((k - 1) * math.prod(strides[:i]) for i, k in enumerate(kernels))
+
+
+def conv_frame_lengths(wav_lengths: torch.Tensor, kernels: tuple[int, ...], strides: tuple[int, ...]) -> torch.Tensor:
+    """Valid frames per utterance by the conv arithmetic ``n <- (n - kernel) // stride + 1``; inputs shorter than the
+    receptive field count as zero-padded to it (1 frame). ``[B] -> [B]``."""
+    n = torch.as_tensor(wav_lengths).long().clamp_min(receptive_field(kernels, strides))
+    for k, s in zip(kernels, strides, strict=True):
+        n = torch.div(n - k, s, rounding_mode="floor") + 1
+    return n
+
+
+def prepare_waveforms(name: str, wavs: torch.Tensor, wav_lengths: torch.Tensor, min_samples: int,
+                      normalize: bool = False, norm_eps: float = HF_NORM_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a padded batch ``wavs [B, S]`` + ``wav_lengths [B]``; return float waveforms with zero padding (or
+    normalised per utterance over its valid samples), right-padded with zeros to at least ``min_samples``, and the
+    lengths as int64."""
+    if wavs.dim() != 2:
+        raise ValueError(f"{name}: wavs must be [B, S]; got shape {tuple(wavs.shape)}")
+    wav_lengths = torch.as_tensor(wav_lengths, device=wavs.device).long()
+    if wav_lengths.shape != (wavs.shape[0],) or (wavs.shape[0] and (int(wav_lengths.min()) < 1 or
+                                                                    int(wav_lengths.max()) > wavs.shape[1])):
+        raise ValueError(f"{name}: wav_lengths must be [B] in [1, {wavs.shape[1]}]; got {wav_lengths.tolist()}")
+    wavs = wavs.float()
+    if normalize:
+        wavs = normalize_waveforms(wavs, wav_lengths, norm_eps)
+    else:
+        wavs = wavs * (torch.arange(wavs.shape[1], device=wavs.device)[None, :] < wav_lengths[:, None])
+    if wavs.shape[1] < min_samples:
+        wavs = nn.functional.pad(wavs, (0, min_samples - wavs.shape[1]))
+    return wavs, wav_lengths
+
+
+def extractor_uses_layer_norm(config) -> bool:
+    """Whether a transformers config's feature extractor is the layer-norm kind (data2vec-audio's always is)."""
+    return getattr(config, "feat_extract_norm", "layer") == "layer"
+
+
+def group_norm_over_valid_frames(norm: nn.GroupNorm, x: torch.Tensor, frames: list[int]) -> torch.Tensor:
+    """A per-channel GroupNorm (``num_groups == num_channels``) whose statistics use each utterance's first
+    ``frames[b]`` frames only, as if it ran alone. ``x [B, C, T] -> [B, C, T]`` (padded frames get values too)."""
+    # two passes (mean, then mean squared deviation): as exact as torch.var_mean and ~3x faster on CPU
+    mean = torch.stack([x[b, :, :n].mean(-1) for b, n in enumerate(frames)])[..., None]
+    var = torch.stack([(x[b, :, :n] - mean[b]).square_().mean(-1) for b, n in enumerate(frames)])[..., None]
+    scale = torch.rsqrt(var + norm.eps) * norm.weight[:, None]
+    return torch.addcmul(norm.bias[:, None] - mean * scale, x, scale)  # one pass over [B, C, T]
+
+
 class HFUpstream(nn.Module):
-    """A frozen ``Wav2Vec2Model`` / ``HubertModel`` behind the upstream contract.
+    """A frozen ``Wav2Vec2Model`` / ``HubertModel`` / ``WavLMModel`` / ``Data2VecAudioModel`` behind the upstream
+    contract.
 
     ``forward(wavs [B, S], wav_lengths [B]) -> UpstreamOutput(hidden [B, L, T, D], lengths [B])`` with
     ``L = num_hidden_layers + 1``, ``D = hidden_size``, ``lengths = frame_lengths(wav_lengths)``, ``T = max(lengths)``.
@@ -103,13 +168,16 @@ class HFUpstream(nn.Module):
         self.conv_kernel = tuple(int(k) for k in config.conv_kernel)
         self.conv_stride = tuple(int(s) for s in config.conv_stride)
         self.downsample_rate = math.prod(self.conv_stride)
-        self.receptive_field = 1 + sum((k - 1) * math.prod(self.conv_stride[:i])
-                                       for i, k in enumerate(self.conv_kernel))
-        self.use_attention_mask = config.feat_extract_norm == "layer"
-        self.pre_layer_norm = bool(config.do_stable_layer_norm)
+        self.receptive_field = receptive_field(self.conv_kernel, self.conv_stride)
+        self.use_attention_mask = extractor_uses_layer_norm(config)
+        self.pre_layer_norm = bool(getattr(config, "do_stable_layer_norm", False))
         self.normalize, self.norm_eps = bool(normalize), float(norm_eps)
         self.checkpoint_format, self.checkpoint_sha256 = checkpoint_format, checkpoint_sha256
         self._masked_norm = None if self.use_attention_mask else self._group_norm_layer()
+        pos_conv = getattr(getattr(self.model, "encoder", None), "pos_conv_embed", None)
+        self._pos_conv_layers = list(getattr(pos_conv, "layers", None) or [])  # data2vec-audio's stacked convs
+        # a positional embedding of a layout we do not know might mix padding into valid frames: never pad it
+        self._pos_conv_known = hasattr(pos_conv, "conv") or bool(self._pos_conv_layers)
         self.settings = {"family": family, "normalize": self.normalize, "norm_eps": self.norm_eps,
                          "attention_mask": self.use_attention_mask, "pre_layer_norm": self.pre_layer_norm}
 
@@ -119,10 +187,7 @@ class HFUpstream(nn.Module):
 
     def frame_lengths(self, wav_lengths: torch.Tensor) -> torch.Tensor:
         """Valid frames per utterance by the conv arithmetic (inputs shorter than the receptive field count as it)."""
-        n = torch.as_tensor(wav_lengths).long().clamp_min(self.receptive_field)
-        for k, s in zip(self.conv_kernel, self.conv_stride, strict=True):
-            n = torch.div(n - k, s, rounding_mode="floor") + 1
-        return n
+        return conv_frame_lengths(wav_lengths, self.conv_kernel, self.conv_stride)
 
     def _group_norm_layer(self) -> nn.GroupNorm | None:
         """The first conv layer's per-channel GroupNorm of a group-norm feature extractor (None if not found)."""
@@ -134,46 +199,39 @@ class HFUpstream(nn.Module):
 
     def _groups(self, wav_lengths: torch.Tensor) -> list[torch.Tensor]:
         lengths = wav_lengths.clamp_min(self.receptive_field)
-        if self.use_attention_mask or self._masked_norm is not None or bool((lengths == lengths[0]).all()):
+        exact_padding = self._pos_conv_known and (self.use_attention_mask or self._masked_norm is not None)
+        if exact_padding or bool((lengths == lengths[0]).all()):
             return [torch.arange(wav_lengths.shape[0])]
         return [torch.nonzero(lengths == n).flatten() for n in torch.unique(lengths)]
 
     @contextmanager
-    def _valid_frame_group_norm(self, sample_lengths: torch.Tensor) -> Iterator[None]:
-        """While active, the first GroupNorm normalises each utterance over its own valid frames only."""
-        norm = self._masked_norm
-        frames = torch.div(sample_lengths - self.conv_kernel[0], self.conv_stride[0], rounding_mode="floor") + 1
+    def _exact_padding(self, sample_lengths: torch.Tensor) -> Iterator[None]:
+        """While active (the forward of a padded batch), each utterance sees what it sees alone: the first GroupNorm
+        normalises it over its own valid frames, and every stacked positional conv layer reads zeros past its
+        valid frames."""
+        handles = []
+        if self._masked_norm is not None:
+            first = torch.div(sample_lengths - self.conv_kernel[0], self.conv_stride[0], rounding_mode="floor") + 1
+            handles.append(self._masked_norm.register_forward_hook(
+                lambda module, inputs, output: group_norm_over_valid_frames(module, inputs[0], first.tolist())))
+        if len(self._pos_conv_layers) > 1:
+            frames = self.frame_lengths(sample_lengths)
 
-        def hook(module: nn.GroupNorm, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = inputs[0]  # [B, C, T0] conv output; statistics per utterance and channel over its valid frames
-            # two passes (mean, then mean squared deviation): as exact as torch.var_mean and ~3x faster on CPU
-            mean = torch.stack([x[b, :, :n].mean(-1) for b, n in enumerate(frames.tolist())])[..., None]
-            var = torch.stack([(x[b, :, :n] - mean[b]).square_().mean(-1)
-                               for b, n in enumerate(frames.tolist())])[..., None]
-            scale = torch.rsqrt(var + module.eps) * module.weight[:, None]
-            return torch.addcmul(module.bias[:, None] - mean * scale, x, scale)  # one pass over [B, C, T0]
+            def zero_padding(module: nn.Module, inputs: tuple) -> tuple:
+                x = inputs[0]  # [B, D, T] encoder frames
+                valid = torch.arange(x.shape[-1], device=x.device)[None, :] < frames.to(x.device)[:, None]
+                return (x * valid[:, None, :].to(x.dtype),)
 
-        handle = norm.register_forward_hook(hook)
+            handles += [layer.register_forward_pre_hook(zero_padding) for layer in self._pos_conv_layers]
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     def forward(self, wavs: torch.Tensor, wav_lengths: torch.Tensor) -> UpstreamOutput:
-        if wavs.dim() != 2:
-            raise ValueError(f"{self.name}: wavs must be [B, S]; got shape {tuple(wavs.shape)}")
-        wav_lengths = torch.as_tensor(wav_lengths, device=wavs.device).long()
-        if wav_lengths.shape != (wavs.shape[0],) or (wavs.shape[0] and (int(wav_lengths.min()) < 1 or
-                                                                        int(wav_lengths.max()) > wavs.shape[1])):
-            raise ValueError(f"{self.name}: wav_lengths must be [B] in [1, {wavs.shape[1]}]; "
-                             f"got {wav_lengths.tolist()}")
-        wavs = wavs.float()
-        if self.normalize:
-            wavs = normalize_waveforms(wavs, wav_lengths, self.norm_eps)
-        else:
-            wavs = wavs * (torch.arange(wavs.shape[1], device=wavs.device)[None, :] < wav_lengths[:, None])
-        if wavs.shape[1] < self.receptive_field:
-            wavs = nn.functional.pad(wavs, (0, self.receptive_field - wavs.shape[1]))
+        wavs, wav_lengths = prepare_waveforms(self.name, wavs, wav_lengths, self.receptive_field, self.normalize,
+                                              self.norm_eps)
         frames = self.frame_lengths(wav_lengths)
         total = int(frames.max()) if frames.numel() else 0
         groups = self._groups(wav_lengths.cpu())
@@ -185,7 +243,10 @@ class HFUpstream(nn.Module):
             padded = bool((valid < n).any())
             mask = (torch.arange(n, device=wavs.device)[None, :] < valid[:, None]).long() \
                 if self.use_attention_mask or padded else None
-            with self._valid_frame_group_norm(valid) if padded and self._masked_norm is not None else nullcontext():
+            with self._exact_padding(valid) if padded else nullcontext(), warnings.catch_warnings():
+                # WavLM's attention hands torch a bool padding mask beside its float position bias (exact; torch
+                # only deprecates mixing the two types)
+                warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask and attn_mask")
                 out = self.model(wavs[idx, :n], attention_mask=mask, output_hidden_states=True)
             states = torch.stack(tuple(out.hidden_states[:-1]) + (out.last_hidden_state,), dim=1)  # [b, L, t, D]
             if len(idx) == wavs.shape[0] and states.shape[2] == total:
@@ -247,7 +308,7 @@ def load_hf_directory(path: str | os.PathLike, name: str, checkpoint_format: str
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     normalize, why = _dir_normalize(path, meta)
     log.info("%s: %s model, waveform normalisation %s (%s), attention mask %s", path, family,
-             "on" if normalize else "off", why, "on" if model.config.feat_extract_norm == "layer" else "off")
+             "on" if normalize else "off", why, "on" if extractor_uses_layer_norm(model.config) else "off")
     return HFUpstream(model, name, family, normalize, HF_NORM_EPS, checkpoint_format,
                       sha256 or sha256_file(weights))
 
@@ -272,14 +333,15 @@ def save_hf_checkpoint(model: nn.Module, out_dir: str | os.PathLike, normalize: 
 
     out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    Wav2Vec2FeatureExtractor(do_normalize=normalize, return_attention_mask=model.config.feat_extract_norm == "layer",
+    Wav2Vec2FeatureExtractor(do_normalize=normalize, return_attention_mask=extractor_uses_layer_norm(model.config),
                              sampling_rate=SAMPLE_RATE).save_pretrained(str(out_dir))
     write_speechbench_json(out_dir, model.config.model_type, {"normalize": bool(normalize), **(extra or {})})
     return out_dir
 
 
 def load_transformers_checkpoint(detected: DetectedCheckpoint, name: str) -> HFUpstream:
-    """The family loader of wav2vec2/HuBERT: an HF or speechbench directory, or a fairseq/s3prl pickle."""
+    """The family loader of the transformers families: an HF or speechbench directory, or a fairseq, s3prl or unilm
+    pickle (converted by :mod:`upstreams.fairseq_convert`)."""
     if detected.format in ("hf-dir", "speechbench"):
         return load_hf_directory(detected.path, name, detected.format, detected.sha256, detected.info)
     return load_fairseq(detected, name)
@@ -291,3 +353,11 @@ register_family("wav2vec2", "wav2vec 2.0", "masked contrastive prediction over q
 register_family("hubert", "HuBERT", "masked prediction of k-means cluster ids (transformers HubertModel); hidden "
                 "states: every transformer layer's input plus the encoder output",
                 hf_model_type="hubert", hf_model_class="HubertModel", pretrain=True)(load_transformers_checkpoint)
+register_family("wavlm", "WavLM", "masked prediction of k-means cluster ids on denoised, overlapped speech, with "
+                "a gated relative position bias in every attention layer (transformers WavLMModel); hidden states: "
+                "every transformer layer's input plus the encoder output",
+                hf_model_type="wavlm", hf_model_class="WavLMModel")(load_transformers_checkpoint)
+register_family("data2vec_audio", "data2vec (audio)", "regression of the averaged top layers of an EMA teacher "
+                "(transformers Data2VecAudioModel); hidden states: every transformer layer's input plus the encoder "
+                "output", hf_model_type="data2vec-audio", hf_model_class="Data2VecAudioModel",
+                )(load_transformers_checkpoint)

@@ -37,8 +37,9 @@ log = logging.getLogger("speechbench")
 
 CARDS_DIR = Path(__file__).resolve().parent / "cards"
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"  # checkpoints shipped inside the package
-CARD_FIELDS = ("name", "family", "description", "source", "license", "sha256", "reference", "recipe", "command",
-               "data", "seed", "steps")
+CARD_FIELDS = ("name", "family", "description", "source", "license", "sha256", "reference", "params_m", "gflops_per_s",
+               "recipe", "command", "data", "seed", "steps")
+NUMBER_FIELDS = ("params_m", "gflops_per_s")
 
 
 class UnknownUpstreamError(UnknownNameError):
@@ -56,6 +57,10 @@ class Card:
     license: str | None = None
     sha256: str | None = None  # of the weights file (model.safetensors for bundled and HF directories)
     reference: str | None = None
+    # cost of the architecture (tests/benchmarks/card_costs.py): millions of parameters of the modules that compute
+    # the hidden states, and GFLOPs (matmuls and convolutions) per second of audio for a 10 s input
+    params_m: float | None = None
+    gflops_per_s: float | None = None
     # how a checkpoint we trained ourselves was produced (bundled cards), so anyone can rebuild it:
     recipe: str | None = None
     command: str | None = None
@@ -76,7 +81,18 @@ def _read_card(path: Path) -> Card:
     if raw["family"] not in family_names() or raw["name"] != path.stem:
         raise CheckpointError(f"{path}: family must be one of {', '.join(family_names())} and name must match the "
                               f"file name")
-    return Card(**{k: (str(v) if v is not None else None) for k, v in raw.items()})
+    bad = [k for k in NUMBER_FIELDS if raw.get(k) is not None and
+           (isinstance(raw[k], bool) or not isinstance(raw[k], int | float) or raw[k] < 0)]
+    if bad:
+        raise CheckpointError(f"{path}: card field(s) {bad} must be non-negative numbers")
+    return Card(**{k: (None if v is None else float(v) if k in NUMBER_FIELDS else str(v)) for k, v in raw.items()})
+
+
+def card_cost_text(card: Card) -> str:
+    """``"94.4 M params, 14.8 GFLOPs per audio second"`` (the parts the card has), or ``""``."""
+    parts = ([f"{card.params_m:g} M params"] if card.params_m is not None else []) + \
+        ([f"{card.gflops_per_s:g} GFLOPs per audio second"] if card.gflops_per_s is not None else [])
+    return ", ".join(parts)
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,12 +102,15 @@ def load_cards() -> dict[str, Card]:
 
 
 def _card_entry(card: Card) -> UpstreamEntry:
+    cost = card_cost_text(card)
     if card.source.startswith("bundled:"):
         summary = f"{card.description}\n{card.family}, shipped with the package; rebuilt by: {card.command}"
     else:
         summary = (f"{card.description}\n{card.family} checkpoint: {card.source} (license "
                    f"{card.license or 'unknown'}); or your own: --upstream {card.name} --ckpt PATH")
-    return UpstreamEntry(card.name, functools.partial(build_upstream, card.name), summary, needs_weights=True)
+    summary += f"\n{cost}" if cost else ""
+    return UpstreamEntry(card.name, functools.partial(build_upstream, card.name), summary, needs_weights=True,
+                         params_m=card.params_m, gflops_per_s=card.gflops_per_s)
 
 
 def get_upstream_entry(name: str) -> UpstreamEntry:
