@@ -18,7 +18,7 @@ from speechbench.benchmark.run import RunRequest, run, run_dir_for
 from speechbench.common import SpeechbenchError
 from speechbench.downstreams.tasks import get_task
 from speechbench.leaderboard.items import ItemsError, read_items
-from speechbench.leaderboard.stats import CONFIDENCE, DEFAULT_SEED, bootstrap_interval
+from speechbench.leaderboard.stats import CONFIDENCE, DEFAULT_SEED, BootstrapError, bootstrap_interval
 
 
 class RerunError(SpeechbenchError, ValueError):
@@ -76,8 +76,8 @@ def rerun(result_path: str | Path, out_dir: str | Path | None = None, trust_chec
         items = read_items(path)
         interval = bootstrap_interval({(original.get("fold"), original.get("seed")): items}, resamples,
                                       DEFAULT_SEED, confidence)
-    except ItemsError:
-        pass
+    except (ItemsError, BootstrapError):
+        pass  # no interval to check against; the outcome says so
     new_dir = run_dir_for(Path(req.out_dir), req.upstream_label, cfg, req.fold, rerun=True)
     row = run(req, config=cfg)[0]
     value = row["value"]

@@ -27,6 +27,7 @@ from speechbench.leaderboard.stats import (
     CONFIDENCE,
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
+    BootstrapError,
     holm,
     paired_bootstrap,
     same_items,
@@ -119,7 +120,10 @@ def compare(specs: list[str], results_dir: str | Path = "results", resamples: in
             except ItemsError as e:
                 raise CompareError(f"cannot compare {_where(key)}: {e}") from None
             cell_b = _paired(cell_a, cell_b, f"{specs[0]} and {spec} on {_where(key)}")
-            result = paired_bootstrap(cell_a, cell_b, resamples, seed, confidence)
+            try:
+                result = paired_bootstrap(cell_a, cell_b, resamples, seed, confidence)
+            except BootstrapError as e:
+                raise CompareError(f"cannot compare {specs[0]} and {spec} on {_where(key)}: {e}") from None
             first = rows_a.iloc[0]
             tests.append((spec, key, first, result, sum(len(v) for v in cell_a.values())))
     adjusted = holm([t[3].p_bootstrap for t in tests])

@@ -42,8 +42,15 @@ _KEYS = {"accuracy": ("correct",), "error_rate": ("edits", "ref_len"),
 _BLOCK_CELLS = 4_000_000  # weights computed per block of resamples: about 32 MB of float64 at a time
 
 
+MIN_VALID_SHARE = 0.75  # resamples with an undefined metric (no target or no nontarget trial) are dropped up to this
+
+
 class ItemScoresError(ValueError):
     """Per-item records that do not form one of the three kinds (the message says what is wrong)."""
+
+
+class BootstrapError(ValueError):
+    """Too few resamples have a defined metric (e.g. an EER needs target and nontarget trials in the resample)."""
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -63,12 +70,14 @@ def error_rate_percent(edits: np.ndarray, ref_len: np.ndarray, weights: np.ndarr
 def equal_error_rate_percent(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
     """EER in % from the (weighted) ROC curve of scikit-learn, interpolated linearly where the false-reject rate
     crosses the false-accept rate (the definition of ``downstreams.metrics.equal_error_rate_percent``, with weights:
-    a trial drawn k times by a resample counts k times)."""
+    a trial drawn k times by a resample counts k times). NaN when the weighted trials lack targets or nontargets."""
     from sklearn.metrics import roc_curve
 
     if weights is not None:
         keep = weights > 0
         labels, scores, weights = labels[keep], scores[keep], weights[keep]
+    if labels.min(initial=1) != 0 or labels.max(initial=0) != 1:
+        return float("nan")
     fpr, tpr, _ = roc_curve(labels, scores, sample_weight=weights, drop_intermediate=False)
     diff = (1.0 - tpr) - fpr  # from 1 (accept nothing) down to -1 (accept everything)
     i = int((diff <= 0).argmax())
@@ -175,7 +184,9 @@ def item_scores(records: Sequence[Mapping], where: str = "items") -> ItemScores:
             raise ItemScoresError(f"{where}: the references have no tokens")
     if not all(np.isfinite(v).all() for v in values.values()):
         raise ItemScoresError(f"{where}: non-finite values")
-    return ItemScores(kind, ids, values, clusters, n)
+    items = ItemScores(kind, ids, values, clusters, n)
+    # trials in score order: the ROC's sort then meets sorted input on every resample (about a third faster)
+    return items.aligned_to(ids[np.argsort(values["score"], kind="stable")]) if kind == "eer" else items
 
 
 def same_items(a: ItemScores, b: ItemScores) -> str | None:
@@ -230,10 +241,22 @@ def point_value(cell: Cell) -> float:
     return float(cell_value({key: items.metric() for key, items in cell.items()}))
 
 
+def valid_samples(samples: np.ndarray) -> np.ndarray:
+    """The resamples whose metric is defined. A resample can leave out every target (or nontarget) trial when few
+    speakers hold them; such resamples are dropped (the bootstrap then conditions on a defined metric), but if more
+    than ``1 - MIN_VALID_SHARE`` of them are undefined the test set is too small to resample
+    (:class:`BootstrapError`)."""
+    valid = samples[np.isfinite(samples)]
+    if len(valid) < MIN_VALID_SHARE * len(samples):
+        raise BootstrapError(f"only {len(valid)} of {len(samples)} resamples have a defined metric (an EER needs "
+                             f"target and nontarget trials): too few speakers or items to resample")
+    return valid
+
+
 def percentile_interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """The central ``confidence`` percentile interval of bootstrap samples."""
+    """The central ``confidence`` percentile interval of bootstrap samples (undefined ones dropped)."""
     tail = 100.0 * (1.0 - confidence) / 2.0
-    lo, hi = np.percentile(samples, [tail, 100.0 - tail])
+    lo, hi = np.percentile(valid_samples(samples), [tail, 100.0 - tail])
     return float(lo), float(hi)
 
 
@@ -260,6 +283,7 @@ class PairedResult:
 
 def bootstrap_p_value(differences: np.ndarray) -> float:
     """Two-sided p-value of "no difference" from resampled differences: ``2 * min(k<=0, k>=0)``, add-one rule."""
+    differences = valid_samples(differences)
     n = len(differences)
     k = min(int((differences <= 0).sum()), int((differences >= 0).sum()))
     return min(1.0, 2.0 * (k + 1) / (n + 1))

@@ -27,6 +27,7 @@ from speechbench.leaderboard.stats import (
     CONFIDENCE,
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
+    BootstrapError,
     Cell,
     bootstrap_interval,
     same_items,
@@ -80,7 +81,7 @@ def add_intervals(wide: pd.DataFrame, counted: pd.DataFrame, resamples: int = DE
     for key, rows in keyed.groupby("_key", sort=False):
         try:
             bounds[key] = bootstrap_interval(load_cell(rows), resamples, seed, confidence)
-        except ItemsError as e:
+        except (ItemsError, BootstrapError) as e:
             notes.append(f"{key[0]} {key[3]}: no interval: {e}")
             log.warning("%s", notes[-1])
     out = wide.copy()

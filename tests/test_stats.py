@@ -12,6 +12,7 @@ from scipy.stats import binomtest
 
 from speechbench.downstreams.metrics import equal_error_rate_percent as task_eer
 from speechbench.leaderboard.stats import (
+    BootstrapError,
     ItemScoresError,
     bootstrap_interval,
     bootstrap_p_value,
@@ -167,10 +168,12 @@ def test_speaker_bootstrap_resamples_enrolment_speakers():
     labels = [int(x == y) for x, y in zip(enroll, test, strict=True)]
     scores = rng.normal(np.array(labels) * 1.0, 1.0)
     items = trial_items(labels, scores, enroll, test)
-    assert items.n_clusters == 3 and items.clusters.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    position = [int(i[1:]) for i in items.ids]  # items are held in score order; ids are t<file position>
+    assert items.n_clusters == 3
+    assert items.clusters.tolist() == ["abc".index(enroll[k]) for k in position]  # unit = enrolment speaker
     counts = np.array([[2, 0, 1]])
-    weights = counts[0][items.clusters].astype(float)
-    keep = np.repeat(np.arange(18), weights.astype(int))
+    per_trial = {"a": 2, "b": 0, "c": 1}
+    keep = np.repeat(np.arange(18), [per_trial[speaker] for speaker in enroll])
     expected = task_eer(np.array(labels)[keep], scores[keep])
     assert items.metric_resampled(counts)[0] == pytest.approx(expected)
 
@@ -197,6 +200,30 @@ def test_speaker_bootstrap_is_wider_than_trial_bootstrap_when_speakers_differ():
     lo_t, hi_t = bootstrap_interval({(None, 0): by_trial}, 400)
     assert by_speaker.metric() == by_trial.metric()
     assert hi_s - lo_s > 1.5 * (hi_t - lo_t)
+
+
+def test_resamples_without_nontargets_are_dropped_or_refused():
+    """With few speakers a resample can miss every nontarget trial (EER undefined): such resamples are dropped, and
+    when more than a quarter are, there is no interval (BootstrapError)."""
+    rng = np.random.default_rng(8)
+
+    def trials(speakers_with_nontargets: int, speakers: int):
+        rows = []
+        for s in range(speakers):
+            for k in range(6):
+                label = 0 if s < speakers_with_nontargets and k % 2 else 1
+                rows.append((label, float(label + rng.normal()), f"s{s}", f"s{s}" if label else "other"))
+        return trial_items(*zip(*rows, strict=True))
+
+    # 1 of 3 speakers holds every nontarget: (2/3)^3 = 30 % of the resamples miss it
+    with pytest.raises(BootstrapError, match=r"only \d+ of 400 resamples have a defined metric"):
+        bootstrap_interval({(None, 0): trials(1, 3)}, 400)
+    # 3 of 6: (1/2)^6 = 1.6 % are dropped, the interval comes from the others
+    items = trials(3, 6)
+    values = resampled_values({(None, 0): items}, draw_counts([{(None, 0): items}], 400, 0))
+    assert 0 < np.isnan(values).sum() < 20
+    lo, hi = bootstrap_interval({(None, 0): items}, 400)
+    assert np.isfinite([lo, hi]).all() and lo <= items.metric() <= hi
 
 
 def test_folds_resample_within_folds_then_average():
