@@ -1,7 +1,7 @@
 """``bench leaderboard RESULTS_DIR --out FILE.csv [--report DIR]``: collect, tabulate, write, print.
 
 Writes ``FILE.csv`` (the wide table, see :mod:`leaderboard.tables`, with interval columns ``<col>_lo``/``<col>_hi``
-and cost columns, see :mod:`leaderboard.uncertainty`), ``FILE.units.json`` (the unit and direction of each column)
+and cost columns, see :mod:`leaderboard.cells`), ``FILE.units.json`` (the unit and direction of each column)
 and ``FILE.long.csv`` (every collected result, plus ``counted``: whether the row entered the wide table), all
 atomically. With ``report_dir``: the HTML and Markdown report and the layer-weight figures
 (:mod:`leaderboard.report`).
@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from speechbench.common import atomic_write_text
+from speechbench.leaderboard.cells import add_cost_columns, add_intervals, cell_layer_weights
 from speechbench.leaderboard.collect import collect_results
 from speechbench.leaderboard.references import DEFAULT_REFERENCE, ReferenceSet, load_reference
 from speechbench.leaderboard.stats import CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
@@ -25,7 +26,6 @@ from speechbench.leaderboard.tables import (
     wide_table,
     wide_to_csv,
 )
-from speechbench.leaderboard.uncertainty import add_cost_columns, add_intervals, cell_layer_weights
 
 
 def build_leaderboard(results_dir: str | Path, out_csv: str | Path, reference: str | ReferenceSet | None =

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from speechbench.common import SpeechbenchError
+from speechbench.leaderboard.cells import cell_key, load_cell
 from speechbench.leaderboard.collect import collect_results
 from speechbench.leaderboard.items import ItemsError
 from speechbench.leaderboard.stats import (
@@ -33,7 +34,6 @@ from speechbench.leaderboard.stats import (
     same_items,
 )
 from speechbench.leaderboard.tables import counted_rows
-from speechbench.leaderboard.uncertainty import cell_key, load_cell
 
 ALPHA = 0.05
 

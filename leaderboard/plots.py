@@ -103,7 +103,7 @@ def _save(fig, stem: Path, title: str, kind: str) -> Figure:
 
 def write_layer_weight_figures(cell_weights: dict[tuple, np.ndarray], out_dir: str | Path) -> list[Figure]:
     """Write every heat map and line plot for ``cell_weights`` (``{(upstream, corpus, profile, column): [L]}``,
-    e.g. from :func:`leaderboard.uncertainty.cell_layer_weights`) into ``out_dir``; return them in order."""
+    e.g. from :func:`leaderboard.cells.cell_layer_weights`) into ``out_dir``; return them in order."""
     out_dir = Path(out_dir)
     by_upstream: dict[tuple, dict[str, np.ndarray]] = {}
     by_task: dict[tuple, dict[str, np.ndarray]] = {}
