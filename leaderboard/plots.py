@@ -82,7 +82,7 @@ def lines(task: str, group: str, weights: dict[str, np.ndarray]):
         ax.plot(range(len(w)), w, marker="o", label=upstream)
     ax.set_xlabel("layer")
     ax.set_ylabel("softmax weight")
-    ax.set_ylim(bottom=0.0)
+    ax.set_ylim(0.0, 1.1 * max(float(np.max(w)) for w in weights.values()))
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(f"layer weights on {task} ({group})", fontsize=10)
     ax.legend(fontsize=8)

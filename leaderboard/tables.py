@@ -191,7 +191,8 @@ def format_table(wide: pd.DataFrame) -> str:
         lines.append(f"SUPERB_score: 0 = FBANK, 1000 = SOTA of reference set {', '.join(names)}")
     if (spec := wide.attrs.get("intervals")) and any(f"{c}_lo" in wide.columns for c in shown):
         lines.append(f"[lo, hi]: {100 * spec['confidence']:g}% bootstrap interval over the test items "
-                     f"({spec['resamples']} resamples, seed {spec['seed']}); '-' where a run has no per-item scores")
+                     f"({spec['resamples']} resamples, seed {spec['seed']}); a value without one has no interval "
+                     f"(see the warnings)")
     if "cost_device" in wide.columns and (devices := sorted(set(wide["cost_device"]) - {""})):
         lines.append(f"cost (params_m, gflops_per_audio_s, rtf) measured on: {'; '.join(devices)}")
     return "\n".join(lines)
