@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 EPILOG_RUN = """examples:
   bench run --upstream fbank_no_cmvn --task ks                 # synthetic corpus, recipe synth/ks
@@ -30,6 +31,13 @@ EPILOG_PRETRAIN = """examples:
   bench pretrain --model hubert --iteration 2 --from ckpts/hubert1/upstream --out ckpts/hubert2
   bench pretrain --model wav2vec2 --out ckpts/w2v train.max_steps=200 optim.lr=1e-3   # recipe overrides
   bench run --upstream ckpts/apc/upstream --task ks                  # evaluate the result
+"""
+
+
+EPILOG_COMPARE = """examples:
+  bench compare apc-synth apc-synth-random                          # names: their runs under results/
+  bench compare my_hubert-1a2b3c4d hubert wav2vec2 --results runs   # the first against each of the others
+  bench compare results/apc-synth results/apc-synth-random --json
 """
 
 
@@ -92,7 +100,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results_dir", help="directory searched recursively for result.json")
     p.add_argument("--out", default="leaderboard.csv", help="wide CSV path; the long CSV is <stem>.long.csv")
     p.add_argument("--reference", default="superb_paper_2021", help="reference set for the SUPERB score")
+    p.add_argument("--resamples", type=int, default=1000,
+                   help="bootstrap resamples for the 95%% intervals (default 1000; 0: no interval columns)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
+    p.add_argument("--report", metavar="DIR", help="also write DIR/index.html (a self-contained page with the table, "
+                                                   "intervals, SUPERB score, notes and layer-weight figures), "
+                                                   "DIR/leaderboard.md and DIR/figures/")
     p.add_argument("--json", action="store_true", help="print the wide table's rows as JSON on stdout")
+
+    p = sub.add_parser("compare", help="paired significance tests between upstreams on the same test items",
+                       description="Compare the first upstream with each of the others on every task both have: the "
+                                   "difference, its 95%% paired-bootstrap interval, p-values (paired bootstrap; "
+                                   "McNemar's exact test for accuracy), Holm's correction over all tests, and a "
+                                   "verdict per task. Runs whose test items differ are refused.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_COMPARE)
+    p.add_argument("upstreams", nargs="+", metavar="UPSTREAM_OR_DIR",
+                   help="upstream names (looked up under --results) or directories of results (a run directory, or "
+                        "e.g. results/my_hubert-1a2b3c4d); the first is compared with each of the others")
+    p.add_argument("--results", default="results", help="results directory for upstream names (default: results)")
+    p.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level after Holm's correction (0.05)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per test on stdout")
+
+    p = sub.add_parser("rerun", help="re-run exactly the configuration recorded in a result.json",
+                       description="Train again with the run's resolved config.yaml (recipe and overrides), upstream "
+                                   "(refused if its checkpoint's sha256 changed), seed, learning rate and fold, into a "
+                                   "new run directory; report whether the new value falls inside the original's "
+                                   "95%% bootstrap interval.")
+    p.add_argument("result", metavar="RESULT_JSON", help="path to a result.json (or its run directory)")
+    p.add_argument("--out", help="results directory for the new run (default: the original's results directory)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need full unpickling")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the original's interval")
+    p.add_argument("--json", action="store_true", help="print the new result row and the check as JSON")
 
     p = sub.add_parser("extract", help="dump an upstream's layer-wise features, one safetensors file per utterance",
                        description="Write OUT/<utterance id>.safetensors (hidden_states [L, T, D], num_frames) and "
@@ -237,14 +277,45 @@ def fold_means(rows: list[dict]) -> list[dict]:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from speechbench.benchmark.config import ConfigError
     from speechbench.leaderboard.build import build_leaderboard, long_csv_path
+    from speechbench.leaderboard.tables import units_path
 
-    wide, _, text = build_leaderboard(args.results_dir, args.out, reference=args.reference)
+    if args.resamples < 0:
+        raise ConfigError(f"--resamples must be 0 (no intervals) or more, got {args.resamples}")
+    wide, _, text = build_leaderboard(args.results_dir, args.out, reference=args.reference,
+                                      resamples=args.resamples, seed=args.seed, report_dir=args.report)
     if args.json:
         _print_json(json.loads(wide.to_json(orient="records")))
     else:
         print(text)
-    logging.getLogger("speechbench").info("wrote %s and %s", args.out, long_csv_path(args.out))
+    log = logging.getLogger("speechbench")
+    log.info("wrote %s, %s and %s", args.out, units_path(args.out), long_csv_path(args.out))
+    if args.report:
+        log.info("wrote the report %s and %s", Path(args.report) / "index.html", Path(args.report) / "leaderboard.md")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from speechbench.leaderboard.compare import compare, comparisons_to_records, format_comparisons
+
+    comparisons = compare(args.upstreams, args.results, resamples=args.resamples, seed=args.seed, alpha=args.alpha)
+    if args.json:
+        _print_json(comparisons_to_records(comparisons))
+    else:
+        print(format_comparisons(comparisons, args.resamples, args.seed, alpha=args.alpha))
+    return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from speechbench.benchmark.rerun import format_rerun, rerun
+
+    _set_threads()
+    outcome = rerun(args.result, out_dir=args.out, trust_checkpoint=args.trust_checkpoint, resamples=args.resamples)
+    if args.json:
+        _print_json(outcome)
+    else:
+        print(format_rerun(outcome))
     return 0
 
 
@@ -348,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     from speechbench.common import SpeechbenchError
 
     handlers = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "data": cmd_data,
-                "extract": cmd_extract, "check-upstream": cmd_check_upstream, "pretrain": cmd_pretrain}
+                "extract": cmd_extract, "check-upstream": cmd_check_upstream, "pretrain": cmd_pretrain,
+                "compare": cmd_compare, "rerun": cmd_rerun}
     try:
         return handlers[args.command](args)
     except SpeechbenchError as e:  # the user's input is wrong: one line (any other exception is a bug: traceback)

@@ -26,14 +26,23 @@ from speechbench.benchmark.config import (
     find_recipe,
     load_raw_recipe,
 )
+from speechbench.benchmark.cost import upstream_cost
 from speechbench.benchmark.features import OnTheFlyFeatures, PooledFeatures
 from speechbench.benchmark.results import SCHEMA_VERSION, git_sha, package_versions, read_result, utc_now, write_result
 from speechbench.benchmark.train import DownstreamModel, evaluate, train
 from speechbench.common import atomic_write_text, data_root_env
 from speechbench.downstreams.data import write_manifest
 from speechbench.downstreams.featurizer import WeightedLayerSum
-from speechbench.downstreams.tasks import PreparedData, Task, get_task, write_predictions_tsv
+from speechbench.downstreams.tasks import (
+    ITEMS_FILENAME,
+    PreparedData,
+    Task,
+    get_task,
+    write_items,
+    write_predictions_tsv,
+)
 from speechbench.upstreams.base import describe_upstream
+from speechbench.upstreams.checkpoints import CheckpointError
 from speechbench.upstreams.registry import build_upstream, local_upstream_path, upstream_slug
 
 log = logging.getLogger("speechbench")
@@ -55,6 +64,7 @@ class RunRequest:
     rerun: bool = False
     ckpt: str | None = None  # local checkpoint replacing a family/card upstream's published one
     trust_checkpoint: bool = False  # allow checkpoints that need full unpickling
+    checkpoint_sha256: str | None = None  # refuse an upstream whose checkpoint hash differs (bench rerun)
 
     @property
     def upstream_label(self) -> str:
@@ -201,7 +211,7 @@ def subsample(prepared: PreparedData, max_per_split: int | None) -> PreparedData
 
 
 def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepared: PreparedData,
-                    features: FeatureSet, run_dir: Path, fold: int | None) -> dict:
+                    features: FeatureSet, run_dir: Path, fold: int | None, cost: dict | None = None) -> dict:
     """Train one head, pick the best dev checkpoint, score it on test, write result.json."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
@@ -215,8 +225,11 @@ def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepa
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True))
     scores, predictions = evaluate(model, task, features.sources["test"], task.references(test_utts, prepared),
                                    cfg.train.eval_batch_size, cfg.train.max_batch_s)
-    (task.write_outputs or write_predictions_tsv)(run_dir, test_utts, predictions,
-                                                  task.references(test_utts, prepared))
+    test_refs = task.references(test_utts, prepared)
+    (task.write_outputs or write_predictions_tsv)(run_dir, test_utts, predictions, test_refs)
+    items = None
+    if task.item_scores is not None:
+        items = write_items(run_dir / ITEMS_FILENAME, task.item_scores(predictions, test_refs, test_utts))
     result = {
         "schema_version": SCHEMA_VERSION,
         "upstream": {**_upstream_record(upstream, req.upstream_label), "path": req.upstream_path},
@@ -231,12 +244,24 @@ def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepa
         "learning_rate": cfg.optim.lr, "seed": cfg.train.seed, "selected": True,
         "features": features.description,
         "layer_weights": model.featurizer.layer_weights(), "layer": cfg.featurizer.layer,
+        "items": items, "cost": cost,
         "best_step": state.best_step, "steps": state.step,
         "wall_time_s": round(time.perf_counter() - t0, 2), "git_sha": git_sha(), "timestamp": utc_now(),
         "run_id": run_dir.name,
     }
     write_result(run_dir / "result.json", result)
     return result
+
+
+def measured_cost(upstream) -> dict | None:
+    """The upstream's measured cost (``benchmark/cost.py``, cached per upstream); None, with a warning, when it
+    cannot be measured (the run itself does not depend on it)."""
+    try:
+        return upstream_cost(upstream)
+    except Exception as e:  # a cost column is not worth failing an evaluation for
+        log.warning("could not measure the cost of %s (%s: %s); result.json gets cost null", upstream.name,
+                    type(e).__name__, e)
+        return None
 
 
 def mark_selected(results: list[tuple[Path, dict]], task: Task) -> None:
@@ -255,14 +280,23 @@ def mark_selected(results: list[tuple[Path, dict]], task: Task) -> None:
                 write_result(path / "result.json", result)
 
 
-def run(req: RunRequest) -> list[dict]:
-    """Run every (fold, seed, learning rate) of the request; return their result rows."""
+def run(req: RunRequest, config: RunConfig | None = None) -> list[dict]:
+    """Run every (fold, seed, learning rate) of the request; return their result rows.
+
+    ``config``: an already resolved config (``bench rerun`` passes a run's ``config.yaml``) used instead of the
+    request's recipe, data root, layer, cache and overrides."""
     task = get_task(req.task)
-    base_cfg = resolve_config(req, task)
+    base_cfg = config or resolve_config(req, task)
     source = "the synthetic corpus (a smoke benchmark, not SUPERB numbers)" if base_cfg.data.corpus == "synth" \
         else f"the real corpus at {base_cfg.data.root}"
     log.info("task %s, upstream %s, recipe %s, data: %s", task.name, req.upstream, base_cfg.recipe, source)
     upstream = build_upstream(req.upstream, ckpt=req.ckpt, trust_checkpoint=req.trust_checkpoint)
+    sha = describe_upstream(upstream)["checkpoint_sha256"]
+    if req.checkpoint_sha256 and sha != req.checkpoint_sha256:
+        raise CheckpointError(f"upstream {req.upstream_label}: checkpoint sha256 is now {str(sha)[:16]}..., the "
+                              f"recorded run used {req.checkpoint_sha256[:16]}...; the weights changed, so this would "
+                              f"not be the same run")
+    cost = measured_cost(upstream)
     folds: list[int | None] = [req.fold] if req.fold is not None else (list(task.folds) or [None])
     lrs = list(req.lrs) or [base_cfg.optim.lr]
     seeds = list(req.seeds) or [base_cfg.train.seed]
@@ -292,7 +326,7 @@ def run(req: RunRequest) -> list[dict]:
                     log.info("run %s: lr %g, seed %d%s", run_dir, lr, seed, f", fold {fold}" if fold else "")
                     if features is None:
                         features = FeatureSet(upstream, req.upstream_label, task, prepared, cfg)
-                    result = train_and_score(req, task, cfg, upstream, prepared, features, run_dir, fold)
+                    result = train_and_score(req, task, cfg, upstream, prepared, features, run_dir, fold, cost)
                     log.info("test %s = %.2f%s (best dev step %d) -> %s", task.metric, result["value"], task.unit,
                              result["best_step"], run_dir / "result.json")
                     rows.append((run_dir, result))

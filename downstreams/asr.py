@@ -38,7 +38,7 @@ from speechbench.downstreams.ctc import (
 )
 from speechbench.downstreams.data import DataError, Utterance
 from speechbench.downstreams.metrics import token_error_rate_percent, word_error_rate_percent
-from speechbench.downstreams.tasks import PreparedData, Task, register_task
+from speechbench.downstreams.tasks import PreparedData, Task, edit_items, register_task
 from speechbench.downstreams.text import CHAR_VOCAB, chars_to_text, normalise_transcript, text_to_chars
 
 
@@ -232,10 +232,15 @@ def write_outputs(run_dir: Path, utterances: Sequence[Utterance], predictions: l
     atomic_write_text(run_dir / "ref.txt", "".join(f"{u.id} {r}\n" for u, r in zip(utterances, refs, strict=True)))
 
 
+def item_scores(predictions: list[str], refs: list[str], utterances: Sequence[Utterance]) -> list[dict]:
+    """Word edits and reference word count per test utterance (their sums give the corpus-level WER)."""
+    return edit_items([p.split() for p in predictions], [r.split() for r in refs], utterances)
+
+
 TASK = register_task(Task(
     name="asr", metric="wer", unit="%", higher_is_better=False, granularity="frames",
     options_cls=ASROptions, prepare=prepare, targets=targets, build_head=build_head, loss=loss,
     predict=predict, references=references, score=score,
     summary="speech recognition, character CTC with a BiLSTM head, greedy decoding, WER",
-    real_corpus=LIBRISPEECH, write_outputs=write_outputs,
+    real_corpus=LIBRISPEECH, write_outputs=write_outputs, item_scores=item_scores,
 ))

@@ -390,10 +390,20 @@ def write_outputs(run_dir: Path, utterances: Sequence[Utterance], embeddings: li
                                                       for (lab, a, b), s in zip(trials.pairs, scores, strict=True)))
 
 
+def item_scores(embeddings: list[torch.Tensor], trials: TrialList, utterances: Sequence[Utterance]) -> list[dict]:
+    """One item per test trial: ``id`` (``"<enroll-id> <test-id>"``), ``label``, cosine ``score`` and the speakers of
+    both sides (``enroll_speaker``, ``test_speaker``), so that a bootstrap can resample speakers, not trials."""
+    scores = trial_scores(embeddings, trials)
+    speaker = {u.id: u.speaker for u in utterances}
+    return [{"id": f"{a} {b}", "label": int(lab), "score": float(s), "enroll_speaker": speaker[a],
+             "test_speaker": speaker[b]} for (lab, a, b), s in zip(trials.pairs, scores, strict=True)]
+
+
 TASK = register_task(Task(
     name="asv", metric="eer", unit="%", higher_is_better=False, granularity="frames",
     options_cls=ASVOptions, prepare=prepare, targets=targets, build_head=build_head, loss=loss,
     predict=predict, references=references, score=score,
     summary="speaker verification, x-vector head with AM-softmax, cosine scoring, EER (dev-trial selection)",
     real_corpus=REAL_CORPUS, train_crop_s=train_crop_s, write_outputs=write_outputs,
+    item_scores=item_scores,
 ))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from speechbench.downstreams.data import DataError, Utterance, audio_duration_s, expect_path, read_manifest
 from speechbench.downstreams.heads import UtteranceLevelHead
 from speechbench.downstreams.metrics import accuracy_percent
-from speechbench.downstreams.tasks import PreparedData, Task, register_task
+from speechbench.downstreams.tasks import PreparedData, Task, correct_items, register_task
 
 CLASSES = ("neu", "hap", "ang", "sad")
 MERGE = {"exc": "hap"}
@@ -169,5 +169,5 @@ TASK = register_task(Task(
     options_cls=EROptions, prepare=prepare, targets=targets, build_head=build_head, loss=loss,
     predict=predict, references=references, score=score,
     summary="emotion recognition, 4 classes (exc merged into hap), 5 leave-one-session-out folds, mean accuracy",
-    real_corpus=REAL_CORPUS, folds=FOLDS,
+    real_corpus=REAL_CORPUS, folds=FOLDS, item_scores=correct_items,
 ))

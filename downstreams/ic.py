@@ -35,7 +35,7 @@ from speechbench.downstreams.data import (
 )
 from speechbench.downstreams.heads import UtteranceLevelHead
 from speechbench.downstreams.metrics import all_fields_accuracy_percent, field_accuracy_percent
-from speechbench.downstreams.tasks import PreparedData, Task, register_task
+from speechbench.downstreams.tasks import PreparedData, Task, correct_items, register_task
 
 SLOTS = ("action", "object", "location")
 REAL_CORPUS = "fluent_speech_commands_dataset"
@@ -173,5 +173,5 @@ TASK = register_task(Task(
     options_cls=ICOptions, prepare=prepare, targets=targets, build_head=build_head, loss=loss,
     predict=predict, references=references, score=score,
     summary="intent classification (action, object, location), accuracy with all three slots right",
-    real_corpus=REAL_CORPUS, write_outputs=write_outputs,
+    real_corpus=REAL_CORPUS, write_outputs=write_outputs, item_scores=correct_items,
 ))

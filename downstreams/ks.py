@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from speechbench.downstreams.data import DataError, Utterance, expect_path, read_manifest
 from speechbench.downstreams.heads import UtteranceLevelHead
 from speechbench.downstreams.metrics import accuracy_percent
-from speechbench.downstreams.tasks import PreparedData, Task, register_task
+from speechbench.downstreams.tasks import PreparedData, Task, correct_items, register_task
 
 WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 CLASSES = WORDS + ("_unknown_", "_silence_")
@@ -147,5 +147,5 @@ TASK = register_task(Task(
     options_cls=KSOptions, prepare=prepare, targets=targets, build_head=build_head, loss=loss,
     predict=make_predict(CLASSES), references=references, score=score,
     summary="keyword spotting, 12 classes (10 words, _unknown_, _silence_), accuracy",
-    real_corpus=REAL_CORPUS,
+    real_corpus=REAL_CORPUS, item_scores=correct_items,
 ))

@@ -66,15 +66,21 @@ def word_error_rate_percent(hypotheses: Sequence[str], references: Sequence[str]
 def token_error_rate_percent(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]]) -> float:
     """Corpus-level token error rate in % (PER for phone sequences): total Levenshtein edits over total reference
     tokens, via editdistance. Each item is a token sequence (e.g. a list of phones)."""
-    import editdistance
-
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     total = sum(len(r) for r in references)
     if total == 0:
         raise ValueError("error rate over references without tokens is undefined")
-    edits = sum(editdistance.eval(list(h), list(r)) for h, r in zip(hypotheses, references, strict=True))
+    edits = sum(edit_count(h, r) for h, r in zip(hypotheses, references, strict=True))
     return 100.0 * edits / total
+
+
+def edit_count(hypothesis: Sequence[str], reference: Sequence[str]) -> int:
+    """Levenshtein distance (substitutions + deletions + insertions) between two token sequences, via
+    editdistance; the per-utterance term of a corpus-level WER or PER."""
+    import editdistance
+
+    return int(editdistance.eval(list(hypothesis), list(reference)))
 
 
 def _check_trials(labels: Sequence[int], scores: Sequence[float]):

@@ -42,7 +42,7 @@ from speechbench.downstreams.ctc import (
 )
 from speechbench.downstreams.data import DataError, Utterance, expect_path
 from speechbench.downstreams.metrics import token_error_rate_percent
-from speechbench.downstreams.tasks import PreparedData, Task, register_task
+from speechbench.downstreams.tasks import PreparedData, Task, edit_items, register_task
 from speechbench.downstreams.text import CMU_PHONES, Vocabulary, cmudict_lexicon, pronounce, read_lexicon
 
 
@@ -229,5 +229,5 @@ TASK = register_task(Task(
     options_cls=PROptions, prepare=prepare, targets=targets, build_head=build_head, loss=loss,
     predict=predict, references=references, score=score,
     summary="phoneme recognition, linear CTC head, greedy decoding, PER (phone set recorded)",
-    real_corpus=LIBRISPEECH, write_outputs=write_outputs,
+    real_corpus=LIBRISPEECH, write_outputs=write_outputs, item_scores=edit_items,
 ))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from speechbench.downstreams.data import DataError, Utterance, audio_duration_s, expect_path, read_manifest
 from speechbench.downstreams.heads import UtteranceLevelHead
 from speechbench.downstreams.metrics import accuracy_percent
-from speechbench.downstreams.tasks import PreparedData, Task, register_task
+from speechbench.downstreams.tasks import PreparedData, Task, correct_items, register_task
 
 REAL_CORPUS = "VoxCeleb1"
 SPLIT_CODES = {"1": "train", "2": "dev", "3": "test"}
@@ -163,5 +163,5 @@ TASK = register_task(Task(
     options_cls=SIDOptions, prepare=prepare, targets=targets, build_head=build_head, loss=loss,
     predict=predict, references=references, score=score,
     summary="speaker identification (closed set, one class per training speaker), accuracy",
-    real_corpus=REAL_CORPUS, train_crop_s=train_crop_s,
+    real_corpus=REAL_CORPUS, train_crop_s=train_crop_s, item_scores=correct_items,
 ))

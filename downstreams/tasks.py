@@ -49,6 +49,11 @@ class Task:
         that crops cannot train on pooled features (the crop changes the time-mean)
     write_outputs(run_dir, utterances, predictions, references) -> None: audit files of the test predictions
         (default: ``predictions.tsv`` with id, prediction, reference)
+    item_scores(predictions, references, utterances) -> list of dicts: the per-item test outcomes a bootstrap
+        needs, one dict per test item, written to ``items.jsonl`` beside ``result.json`` (the leaderboard reads it,
+        so it needs no task code). Three shapes, told apart by their keys: ``{"id", "correct"}`` (accuracy),
+        ``{"id", "edits", "ref_len"}`` (corpus-level error rates), ``{"id", "label", "score", "enroll_speaker",
+        "test_speaker"}`` (verification trials). None: no per-item file, so no interval for this task.
     """
 
     name: str
@@ -69,6 +74,7 @@ class Task:
     folds: tuple[int, ...] = ()  # tasks evaluated over several folds (ER); options_cls then has a `fold` field
     train_crop_s: Callable[[Any], float | None] | None = None
     write_outputs: Callable[[Path, Sequence[Utterance], list, Any], None] | None = None
+    item_scores: Callable[[list, Any, Sequence[Utterance]], list[dict]] | None = None
 
 
 def write_predictions_tsv(run_dir: Path, utterances: Sequence[Utterance], predictions: list, references) -> None:
@@ -77,6 +83,40 @@ def write_predictions_tsv(run_dir: Path, utterances: Sequence[Utterance], predic
 
     atomic_write_text(run_dir / "predictions.tsv", "".join(
         f"{u.id}\t{p}\t{r}\n" for u, p, r in zip(utterances, predictions, references, strict=True)))
+
+
+def correct_items(predictions: list, references: Sequence, utterances: Sequence[Utterance]) -> list[dict]:
+    """Per-item outcome of an accuracy task: ``{"id", "correct": 1|0}`` (structured labels compare as tuples)."""
+    return [{"id": u.id, "correct": int(_as_key(p) == _as_key(r))}
+            for u, p, r in zip(utterances, predictions, references, strict=True)]
+
+
+def edit_items(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
+               utterances: Sequence[Utterance]) -> list[dict]:
+    """Per-item outcome of a corpus-level error rate: ``{"id", "edits", "ref_len"}`` over token sequences (words
+    for WER, phones for PER); summing edits and reference lengths over any subset gives its corpus-level rate."""
+    from speechbench.downstreams.metrics import edit_count
+
+    return [{"id": u.id, "edits": edit_count(h, r), "ref_len": len(r)}
+            for u, h, r in zip(utterances, hypotheses, references, strict=True)]
+
+
+def _as_key(label):
+    return tuple(label) if isinstance(label, (list, tuple)) else label
+
+
+ITEMS_FILENAME = "items.jsonl"
+
+
+def write_items(path: Path, items: list[dict]) -> dict:
+    """Write the per-item outcomes as JSON lines (atomically); return the record that ``result.json`` keeps:
+    ``{"file", "count", "ids_sha256"}`` (sha256 of the item ids in file order, one per line)."""
+    import json
+
+    from speechbench.common import atomic_write_text, sha256_text
+
+    atomic_write_text(path, "".join(json.dumps(item, separators=(",", ":")) + "\n" for item in items))
+    return {"file": path.name, "count": len(items), "ids_sha256": sha256_text("\n".join(str(i["id"]) for i in items))}
 
 
 TASKS: dict[str, Task] = {}

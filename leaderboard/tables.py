@@ -24,17 +24,16 @@ reference set's name) is filled only for ``corpus="real"`` rows that have every 
 ``1000 * mean over tasks of (score - baseline) / (sota - baseline)``, baseline = the reference's FBANK row and SOTA
 = the reference's best row per task (lower-is-better metrics need no special case: both differences flip sign).
 
-Units and directions (the CSV convention): the wide CSV has a normal header row with the column names above, then a
-second row whose first cell is ``(unit)`` and whose metric cells read ``"<unit> higher"`` or ``"<unit> lower"``
-(e.g. ``% higher`` for accuracy, ``% lower`` for WER); count columns read ``count``. Read it back with
-:func:`read_wide_csv`, or with pandas directly: ``pd.read_csv(path, skiprows=[1])`` for the numbers and
-``pd.read_csv(path, nrows=1)`` for the unit row. In memory the same strings are in ``wide.attrs["units"]``.
+Units and directions (the CSV convention): the wide CSV is one header row of the column names above and one line per
+row, so a plain ``pd.read_csv(path)`` reads it. Units live in a sidecar, ``<stem>.units.json`` (:func:`units_path`):
+a JSON object from column name to ``"<unit> higher"`` or ``"<unit> lower"`` (e.g. ``% higher`` for accuracy,
+``% lower`` for WER), ``count`` for count columns. :func:`read_wide_csv` reads both. In memory the same strings are
+in ``wide.attrs["units"]``.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import json
 import logging
 from pathlib import Path
 
@@ -48,7 +47,6 @@ log = logging.getLogger("leaderboard")
 
 SYNTH = "synth"
 REAL = "real"
-UNIT_ROW_LABEL = "(unit)"
 KEY_COLUMNS = ["upstream", "corpus", "profile"]
 SYNTH_FOOTER = "synth = synthetic smoke-benchmark corpus, not SUPERB numbers"
 REAL_FOOTER = "real = each task's public corpus (per-task corpus names in the long CSV)"
@@ -129,45 +127,52 @@ def superb_scores(wide: pd.DataFrame, reference: ReferenceSet) -> pd.Series:
     return (1000 * normalised.mean(axis=1)).where(complete)
 
 
-def unit_row(wide: pd.DataFrame) -> list[str]:
-    """The CSV's second row: ``(unit)`` under the first column, ``"<unit> higher|lower"`` or ``count`` elsewhere."""
+def units_of(wide: pd.DataFrame) -> dict[str, str]:
+    """Each non-key column's unit and direction (``"% higher"``, ``count``, ...), as the units sidecar holds them."""
     units = _units_of(wide)
-    return [UNIT_ROW_LABEL if i == 0 else units.get(c, "") for i, c in enumerate(wide.columns)]
+    return {c: units[c] for c in wide.columns if c in units and c not in KEY_COLUMNS}
+
+
+def units_path(csv_path: str | Path) -> Path:
+    """``lb.csv -> lb.units.json``: the units sidecar of a wide CSV."""
+    csv_path = Path(csv_path)
+    return csv_path.with_name(f"{csv_path.stem}.units.json")
 
 
 def wide_to_csv(wide: pd.DataFrame) -> str:
-    """The wide table as CSV text: header row, unit row, then one line per row."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(wide.columns)
-    writer.writerow(unit_row(wide))
-    wide.to_csv(buf, header=False, index=False, float_format="%.6g", lineterminator="\n")
-    return buf.getvalue()
+    """The wide table as CSV text: one header row, then one line per row (units go to the sidecar)."""
+    return wide.to_csv(index=False, float_format="%.6g", lineterminator="\n")
+
+
+def units_to_json(wide: pd.DataFrame) -> str:
+    """The units sidecar's text: ``{"KS_acc": "% higher", ...}``."""
+    return json.dumps(units_of(wide), indent=2) + "\n"
 
 
 def read_wide_csv(path: str | Path) -> pd.DataFrame:
-    """Read a wide CSV written by :func:`wide_to_csv`; the unit row goes to ``attrs["units"]``."""
-    head = pd.read_csv(path, nrows=1, dtype=str, keep_default_na=False)
-    has_units = len(head) == 1 and head.iloc[0, 0] == UNIT_ROW_LABEL
-    text_columns = {c: str for c in KEY_COLUMNS + ["SUPERB_reference"] if c in head.columns}
-    wide = pd.read_csv(path, skiprows=[1] if has_units else None, dtype=text_columns, keep_default_na=False,
-                       na_values=[""])
+    """Read a wide CSV written by :func:`wide_to_csv`, with its sidecar's units (if present) in ``attrs["units"]``."""
+    head = pd.read_csv(path, nrows=0)
+    text_columns = {c: str for c in KEY_COLUMNS + ["SUPERB_reference", "cost_device"] if c in head.columns}
+    wide = pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values=[""])
     for col in text_columns:
         wide[col] = wide[col].fillna("")
-    wide.attrs["units"] = {c: u for c, u in head.iloc[0].items() if u and u != UNIT_ROW_LABEL} if has_units else {}
+    sidecar = units_path(path)
+    wide.attrs["units"] = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
     return wide
 
 
 def format_table(wide: pd.DataFrame) -> str:
-    """A fixed-width text table (header, unit row, one line per row) plus explanatory footer lines."""
+    """A fixed-width text table (header, unit row, one line per row) plus explanatory footer lines. Interval columns
+    (``<col>_lo``, ``<col>_hi``) are shown inside their metric's cell as ``value [lo, hi]``."""
     if wide.empty:
         return "(empty leaderboard: no selected results on the reported split)"
+    hidden = {"SUPERB_reference", "cost_device"} | {f"{c}{s}" for c in wide.columns for s in INTERVAL_SUFFIXES}
     shown = [c for c in wide.columns if c in ("upstream", "corpus")
-             or (c != "SUPERB_reference" and wide[c].replace("", np.nan).notna().any())]
+             or (c not in hidden and wide[c].replace("", np.nan).notna().any())]
     units = _units_of(wide)
     header = [str(c) for c in shown]
     unit_line = ["" if c in KEY_COLUMNS else units.get(c, "") for c in shown]
-    body = [[_fmt(c, v) for c, v in zip(shown, row, strict=True)] for row in wide[shown].itertuples(index=False)]
+    body = [[_fmt_cell(c, row) for c in shown] for _, row in wide.iterrows()]
     numeric = [c not in KEY_COLUMNS for c in shown]
     widths = [max(len(line[i]) for line in [header, unit_line, *body]) for i in range(len(shown))]
 
@@ -184,7 +189,25 @@ def format_table(wide: pd.DataFrame) -> str:
     if "SUPERB_score" in wide.columns and wide["SUPERB_score"].notna().any():
         names = sorted(set(wide.loc[wide["SUPERB_score"].notna(), "SUPERB_reference"]))
         lines.append(f"SUPERB_score: 0 = FBANK, 1000 = SOTA of reference set {', '.join(names)}")
+    if (spec := wide.attrs.get("intervals")) and any(f"{c}_lo" in wide.columns for c in shown):
+        lines.append(f"[lo, hi]: {100 * spec['confidence']:g}% bootstrap interval over the test items "
+                     f"({spec['resamples']} resamples, seed {spec['seed']}); a value without one has no interval "
+                     f"(see the warnings)")
+    if "cost_device" in wide.columns and (devices := sorted(set(wide["cost_device"]) - {""})):
+        lines.append(f"cost (params_m, gflops_per_audio_s, rtf) measured on: {'; '.join(devices)}")
     return "\n".join(lines)
+
+
+INTERVAL_SUFFIXES = ("_lo", "_hi")
+
+
+def _fmt_cell(column: str, row: pd.Series) -> str:
+    """``value [lo, hi]`` for a metric with an interval, else the plain value."""
+    text = _fmt(column, row[column])
+    lo, hi = row.get(f"{column}_lo"), row.get(f"{column}_hi")
+    if text != "-" and lo is not None and hi is not None and not (pd.isna(lo) or pd.isna(hi)):
+        text += f" [{_fmt(column, lo)}, {_fmt(column, hi)}]"
+    return text
 
 
 def _fmt(column: str, value: object) -> str:
@@ -194,6 +217,8 @@ def _fmt(column: str, value: object) -> str:
         return str(value)
     if column.endswith(("_folds", "_seeds")):
         return str(int(value))
+    if column in ("gflops_per_audio_s", "rtf"):
+        return f"{value:.3g}"
     return f"{value:.1f}" if column == "SUPERB_score" else f"{value:.2f}"
 
 

@@ -254,3 +254,50 @@ def write_wav(path: Path, seconds: float, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, speechlike(round(16000 * seconds), seed).numpy(), 16000)
     return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Result folders with per-item scores (leaderboard, compare, report)
+# --------------------------------------------------------------------------------------------------------------
+
+TASK_METRICS = {"ks": ("accuracy", True), "sid": ("accuracy", True), "ic": ("accuracy", True),
+                "er": ("accuracy", True), "asr": ("wer", False), "pr": ("per", False), "asv": ("eer", False)}
+
+
+def write_run(root: Path, upstream: str, task: str, items: list[dict], *, fold: int | None = None, seed: int = 0,
+              layer_weights: list[float] | None = None, cost: dict | None = None, corpus: str = "synth",
+              profile: str | None = "small", value: float | None = None, **fields) -> Path:
+    """A run folder ``root/<upstream>/<task>/<run id>/`` with a schema-2 ``result.json`` and its ``items.jsonl``;
+    the value is recomputed from the items (accuracy, corpus error rate or EER) unless given. Returns the result
+    path."""
+    import json
+
+    from speechbench.downstreams.metrics import equal_error_rate_percent
+
+    metric, higher = TASK_METRICS[task]
+    if value is None:
+        if "correct" in items[0]:
+            value = 100.0 * sum(i["correct"] for i in items) / len(items)
+        elif "edits" in items[0]:
+            value = 100.0 * sum(i["edits"] for i in items) / sum(i["ref_len"] for i in items)
+        else:
+            value = equal_error_rate_percent([i["label"] for i in items], [i["score"] for i in items])
+    run_dir = root / upstream / task / f"synth-{task}{f'-fold{fold}' if fold else ''}-lr0.001-seed{seed}-0000abcd"
+    run_dir.mkdir(parents=True)
+    result = {
+        "schema_version": 2, "upstream": {"name": upstream, "checkpoint_sha256": None, "num_layers": 3},
+        "task": task, "recipe": {"name": f"synth/{task}", "config_sha256": "ab12"},
+        "data": {"corpus": corpus, "profile": profile}, "split": "test", "fold": fold, "metric": metric,
+        "value": value, "unit": "%", "higher_is_better": higher, "learning_rate": 1e-3, "seed": seed,
+        "selected": True, "layer_weights": layer_weights or [0.2, 0.3, 0.5], "layer": None, "best_step": 10,
+        "timestamp": "2026-11-22T04:00:00+00:00", "run_id": run_dir.name, "items": {"file": "items.jsonl"},
+        "cost": cost, **fields,
+    }
+    (run_dir / "result.json").write_text(json.dumps(result))
+    (run_dir / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    return run_dir / "result.json"
+
+
+def correct_records(correct, prefix: str = "utt") -> list[dict]:
+    """``items.jsonl`` records of an accuracy task: ids ``<prefix>0000``..., one 0/1 outcome each."""
+    return [{"id": f"{prefix}{i:04d}", "correct": int(c)} for i, c in enumerate(correct)]

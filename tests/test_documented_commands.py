@@ -11,6 +11,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from helpers import error_line, tiny_apc, write_wav
 
@@ -39,7 +40,7 @@ def documented_commands() -> list[tuple[str, str]]:
 def test_docs_show_commands():
     commands = [c for _, c in documented_commands()]
     assert len(commands) > 30
-    for name in ("run", "leaderboard", "list", "data", "extract", "check-upstream", "pretrain"):
+    for name in ("run", "leaderboard", "list", "data", "extract", "check-upstream", "pretrain", "compare", "rerun"):
         assert any(c.split()[1] == name for c in commands), f"no documented example of bench {name}"
 
 
@@ -51,7 +52,8 @@ def test_documented_command_parses(where, command):
         pytest.fail(f"{where}: `{command}` does not parse (exit {e.code})")
 
 
-@pytest.mark.parametrize("command", ["run", "leaderboard", "list", "data", "extract", "check-upstream", "pretrain"])
+@pytest.mark.parametrize("command", ["run", "leaderboard", "list", "data", "extract", "check-upstream", "pretrain",
+                                     "compare", "rerun"])
 def test_help_of_every_command(command, capsys):
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])
@@ -80,6 +82,13 @@ def test_task_all_runs_every_task(tmp_path, synth_tiny, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert {r["task"] for r in rows} == {"asr", "asv", "er", "ic", "ks", "pr", "sid"}
     assert sorted(r["fold"] for r in rows if r["task"] == "er") == [1, 2, 3, 4, 5]
+    # every task's items.jsonl reproduces its value (accuracy, corpus WER/PER, trial EER, ER over 5 folds), so
+    # every cell of the leaderboard gets an interval around it
+    assert main(["leaderboard", str(tmp_path), "--out", str(tmp_path / "lb.csv"), "--resamples", "50"]) == 0
+    capsys.readouterr()
+    (row,) = pd.read_csv(tmp_path / "lb.csv").to_dict("records")
+    for column in ("PR_per", "KS_acc", "IC_acc", "SID_acc", "ER_acc", "ASR_wer", "ASV_eer"):
+        assert row[f"{column}_lo"] <= row[column] <= row[f"{column}_hi"], column
 
 
 def test_data_root_environment_variable_names_the_corpus_folder(tmp_path, monkeypatch, capsys):

@@ -19,7 +19,7 @@ from speechbench.downstreams.data import read_manifest
 TINY = ["data.profile=tiny", "train.max_steps=40", "train.eval_every=20", "optim.lr=1e-2"]
 RESULT_FIELDS = {"schema_version", "upstream", "task", "recipe", "data", "split", "fold", "metric", "value", "unit",
                  "higher_is_better", "learning_rate", "seed", "selected", "layer_weights", "best_step",
-                 "wall_time_s", "git_sha", "timestamp", "run_id", "features"}
+                 "wall_time_s", "git_sha", "timestamp", "run_id", "features", "items", "cost"}
 
 
 def _results(out: Path, upstream: str) -> list[dict]:
@@ -40,6 +40,16 @@ def test_run_writes_result_and_resolved_config(tmp_path, synth_tiny, capsys):
     run_dir = next((tmp_path / "fbank_no_cmvn" / "ks").iterdir())
     for name in ("config.yaml", "log.txt", "predictions.tsv", "manifests/train.jsonl", "checkpoints/best.pt"):
         assert (run_dir / name).exists(), name
+    # per-item outcomes: one line per test utterance, in manifest order, reproducing the accuracy
+    items = [json.loads(line) for line in (run_dir / "items.jsonl").read_text().splitlines()]
+    test_ids = [u.id for u in read_manifest(run_dir / "manifests" / "test.jsonl")]
+    assert [i["id"] for i in items] == test_ids and result["items"]["count"] == len(test_ids)
+    assert 100.0 * sum(i["correct"] for i in items) / len(items) == pytest.approx(result["value"])
+    assert result["items"]["file"] == "items.jsonl" and len(result["items"]["ids_sha256"]) == 64
+    # measured cost: fbank_no_cmvn has no parameters, but its filterbank matrix product is counted
+    cost = result["cost"]
+    assert cost["params"] == 0 and cost["gflops_per_audio_s"] > 0 and cost["rtf"] > 0
+    assert (cost["device"], cost["precision"], cost["input_s"]) == ("cpu", "fp32", 10.0)
     # a second identical command reuses the finished run instead of training again
     assert main(["run", "--upstream", "fbank_no_cmvn", "--task", "ks", "--out", str(tmp_path), *TINY]) == 0
     assert "already done" in capsys.readouterr().err and len(_results(tmp_path, "fbank_no_cmvn")) == 1
@@ -60,9 +70,12 @@ def test_fbank_scores_the_majority_class_rate_and_leaderboard_holds_both(tmp_pat
     assert main(["leaderboard", str(tmp_path), "--out", str(tmp_path / "lb.csv")]) == 0
     text = capsys.readouterr().out
     assert "fbank_no_cmvn" in text and "synth" in text
-    wide = pd.read_csv(tmp_path / "lb.csv", skiprows=[1])
+    wide = pd.read_csv(tmp_path / "lb.csv")
     assert set(wide["upstream"]) == {"fbank", "fbank_no_cmvn"} and set(wide["corpus"]) == {"synth"}
-    assert wide.set_index("upstream").loc["fbank", "KS_acc"] == pytest.approx(fbank["value"])
+    row = wide.set_index("upstream").loc["fbank"]
+    assert row["KS_acc"] == pytest.approx(fbank["value"])
+    assert row["KS_acc_lo"] <= row["KS_acc"] <= row["KS_acc_hi"]  # bootstrap interval from items.jsonl
+    assert row["params_m"] == 0.0 and row["gflops_per_audio_s"] > 0
     assert len(pd.read_csv(tmp_path / "lb.long.csv")) == 2
 
 

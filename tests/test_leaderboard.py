@@ -15,7 +15,7 @@ from speechbench.common import UnknownNameError
 from speechbench.leaderboard.build import build_leaderboard, long_csv_path
 from speechbench.leaderboard.collect import NoResultsError, collect_results
 from speechbench.leaderboard.references import load_reference, reference_from_table
-from speechbench.leaderboard.tables import SYNTH_FOOTER, format_table, read_wide_csv, wide_table
+from speechbench.leaderboard.tables import SYNTH_FOOTER, format_table, read_wide_csv, units_path, wide_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,16 +236,19 @@ def test_build_writes_both_csvs_and_reads_back(tmp_path):
     out = tmp_path / "out" / "lb.csv"
     wide, long, text = build_leaderboard(results, out)
     assert out.exists() and long_csv_path(out) == tmp_path / "out" / "lb.long.csv"
-    assert sorted(p.name for p in out.parent.iterdir()) == ["lb.csv", "lb.long.csv"]  # no temp files left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["lb.csv", "lb.long.csv", "lb.units.json"]  # no temps
 
     lines = out.read_text().splitlines()
-    assert lines[0].startswith("upstream,corpus,profile,KS_acc,ER_acc,ER_acc_folds")
-    assert lines[1].startswith("(unit),,,% higher,% higher,count")
+    assert lines[0].startswith("upstream,corpus,profile,KS_acc,KS_acc_lo,KS_acc_hi,ER_acc,ER_acc_lo,ER_acc_hi,"
+                               "ER_acc_folds")
+    assert len(lines) == 2  # header and one row: no unit row in the data
+    assert json.loads(units_path(out).read_text())["ER_acc_folds"] == "count"
     back = read_wide_csv(out)
     assert back.loc[0, "KS_acc"] == 87.5 and back.loc[0, "ER_acc"] == 65.0 and back.loc[0, "ER_acc_folds"] == 2
-    assert back.attrs["units"]["ER_acc"] == "% higher"
-    plain = pd.read_csv(out, skiprows=[1])
-    assert plain["KS_acc"].dtype == float
+    assert back.attrs["units"]["ER_acc"] == "% higher" and back.attrs["units"]["KS_acc_lo"] == "% higher"
+    plain = pd.read_csv(out)  # a plain read gives numbers
+    assert plain["KS_acc"].dtype == float and plain["ER_acc_folds"].dtype == "int64"
+    assert plain["KS_acc_lo"].isna().all()  # these fake results have no items.jsonl: no interval
 
     long_back = pd.read_csv(long_csv_path(out))
     assert len(long_back) == len(long) == 4
