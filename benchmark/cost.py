@@ -4,8 +4,9 @@ Counted, not declared: the FLOPs come from ``torch.utils.flop_counter.FlopCounte
 fixed input (``seconds`` of seeded noise, batch 1), so they are what the model actually computes on this input.
 FlopCounterMode counts the matrix products and convolutions (2 FLOPs per multiply-add); element-wise work,
 normalisation and the FFT of filterbank front ends are not counted. It also does not see inside a recurrent kernel
-that PyTorch runs as one op (the LSTM of CPC), so :data:`RNN_FLOPS` adds a formula for those: the matrix products
-of every gate, ``2 * frames * sum(weight matrix sizes)``. GRUs decompose into counted matrix products by themselves.
+that PyTorch runs as one op (the LSTM of CPC), so :data:`FLOP_FORMULAS` adds a formula for those: the matrix products
+of every gate, ``2 * frames * sum(weight matrix sizes)`` (GRUs decompose into counted matrix products by themselves),
+and one for the CPU attention kernel, which torch counts on CUDA only.
 
 The real-time factor is wall seconds of upstream compute per second of audio (lower is faster; 0.01 = 100x real
 time), the median of ``repeats`` timed forward passes after one warm-up, on the device and precision given, with the
@@ -23,17 +24,18 @@ import logging
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from speechbench.common import atomic_write_text, cache_root, sha256_text
 from speechbench.upstreams.base import describe_upstream
 
 log = logging.getLogger("speechbench")
 
-COST_VERSION = 1  # bump when what is measured changes: cached measurements of another version are ignored
+COST_VERSION = 2  # bump when what is measured changes: cached measurements of another version are ignored
 
 
 def _rnn_flops(input_shape, *args, **kwargs) -> int:
@@ -48,11 +50,30 @@ def _rnn_flops(input_shape, *args, **kwargs) -> int:
     return 2 * frames * sum(int(s[0]) * int(s[1]) for s in params if len(s) == 2)
 
 
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """FLOPs of the CPU attention kernel (``aten._scaled_dot_product_flash_attention_for_cpu``): its two matrix
+    products, as torch counts them for the CUDA kernels (``sdpa_flop_count``)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 # FlopCounterMode decomposes an op that is not in its registry (the LSTM becomes CPU ``mkldnn_rnn_layer`` kernels,
 # which it does not count) and counts by overload packet. Registering the overloads keeps it from decomposing the
 # recurrent op, registering the packet makes it count it, so an RNN is counted by this one formula on every device.
-RNN_FLOPS = {key: _rnn_flops for op in (torch.ops.aten.lstm, torch.ops.aten.gru, torch.ops.aten.rnn_tanh,
-                                        torch.ops.aten.rnn_relu) for key in (op, op.input, op.data)}
+# torch counts the CUDA attention kernels but not the CPU one, which transformers' SDPA attention runs here.
+FLOP_FORMULAS = {key: _rnn_flops for op in (torch.ops.aten.lstm, torch.ops.aten.gru, torch.ops.aten.rnn_tanh,
+                                            torch.ops.aten.rnn_relu) for key in (op, op.input, op.data)}
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+FLOP_FORMULAS.update({_CPU_SDPA: _cpu_sdpa_flops, _CPU_SDPA.default: _cpu_sdpa_flops})
+
+
+def count_flops(forward: Callable[[], object]) -> int:
+    """FLOPs of one call of ``forward()`` (matrix products, convolutions, recurrent layers and attention), the one
+    counter behind result costs and the cards' ``gflops_per_s``."""
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+    # under inference mode: with autograd on or in no_grad, a CPU LSTM dispatches to kernels the counter never sees
+    with counter, torch.inference_mode():
+        forward()
+    return counter.get_total_flops()
 
 
 def _machine() -> str:
@@ -91,16 +112,14 @@ def measure_cost(upstream, seconds: float = 10.0, device: str | torch.device = "
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    counter = FlopCounterMode(display=False, custom_mapping=RNN_FLOPS)
-    with counter:
-        forward()
+    flops = count_flops(forward)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         forward()
         times.append(time.perf_counter() - t0)
     return {
-        "params": int(params), "gflops_per_audio_s": counter.get_total_flops() / 1e9 / seconds,
+        "params": int(params), "gflops_per_audio_s": flops / 1e9 / seconds,
         "rtf": statistics.median(times) / seconds, "input_s": float(seconds), "device": str(device),
         "precision": precision, "threads": torch.get_num_threads(), "machine": _machine(),
         "torch": torch.__version__, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from speechbench.benchmark import cost as cost_module
-from speechbench.benchmark.cost import RNN_FLOPS, measure_cost, upstream_cost
+from speechbench.benchmark.cost import FLOP_FORMULAS, measure_cost, upstream_cost
 from speechbench.common import cache_root
 from speechbench.upstreams.base import UpstreamOutput
 
@@ -47,12 +47,12 @@ def test_params_and_gflops_hand_computed(one_torch_thread):
 def test_rnn_formula_padded_and_packed(cls, gates, one_torch_thread):
     rnn = cls(16, 8, num_layers=2, batch_first=True)
     per_frame = 2 * gates * 8 * (16 + 8 + 8 + 8)  # layer 1: 16 in + 8 recurrent; layer 2: 8 in + 8 recurrent
-    with FlopCounterMode(display=False, custom_mapping=RNN_FLOPS) as counter, torch.inference_mode():
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter, torch.inference_mode():
         rnn(torch.randn(3, 10, 16))
     assert counter.get_total_flops() == 30 * per_frame
     packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(3, 10, 16), torch.tensor([10, 7, 5]),
                                                      batch_first=True)
-    with FlopCounterMode(display=False, custom_mapping=RNN_FLOPS) as counter, torch.inference_mode():
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter, torch.inference_mode():
         rnn(packed)
     assert counter.get_total_flops() == 22 * per_frame  # only the valid frames
 

@@ -15,10 +15,11 @@ How the numbers are made, for every card alike:
   masking, left out; pre-training heads outside that model, such as wav2vec 2.0's quantiser, are not in it). APC's
   ``postnet`` counts (its forward runs it, as s3prl's does), and so do DistilHuBERT's prediction heads, whose outputs
   are among its hidden states;
-- FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over the forward of one 10-second input at 16 kHz, divided by
-  10. It counts matrix multiplications and convolutions (2 FLOPs per multiply-add), not element-wise operations,
-  norms or softmax; attention runs in transformers' eager mode so that its two matmuls are counted (the CPU SDPA
-  kernel is not). The attention share grows with the input length, so the figure is for 10 s inputs.
+- FLOPs: :func:`speechbench.benchmark.cost.count_flops` (``torch.utils.flop_counter.FlopCounterMode`` plus formulas
+  for recurrent layers and the CPU attention kernel; the counter behind every result's ``cost``) over the forward of
+  one 10-second input at 16 kHz, divided by 10. It counts matrix multiplications, convolutions, recurrent layers and
+  attention (2 FLOPs per multiply-add), not element-wise operations, norms or softmax. The attention share grows
+  with the input length, so the figure is for 10 s inputs.
 
 Both are rounded to 3 significant digits.
 """
@@ -34,7 +35,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.nn.utils import parametrize
+
+from speechbench.benchmark.cost import count_flops
 
 SECONDS = 10.0
 LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
@@ -70,6 +73,10 @@ def _hf_model(family: str, config: dict) -> tuple[nn.Module, Callable[[int], tup
     config_cls = getattr(transformers, cls.__name__.replace("Model", "Config"))
     model = cls(config_cls(**{**config, "mask_time_prob": 0.0, "mask_feature_prob": 0.0}))
     model.set_attn_implementation("eager")
+    for module in model.modules():  # weight norm's parametrization cannot run on meta tensors in inference mode
+        if parametrize.is_parametrized(module):
+            for tensor_name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
     return model, lambda samples: (torch.zeros(1, samples),)
 
 
@@ -110,9 +117,8 @@ def card_cost(name: str, seconds: float = SECONDS) -> Cost:
         model, inputs = architecture(name)
         model.eval()
         params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(PRETRAINING_ONLY))
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*inputs(round(seconds * 16000)))
-    return Cost(float(f"{params / 1e6:.3g}"), float(f"{counter.get_total_flops() / seconds / 1e9:.3g}"))
+        flops = count_flops(lambda: model(*inputs(round(seconds * 16000))))
+    return Cost(float(f"{params / 1e6:.3g}"), float(f"{flops / seconds / 1e9:.3g}"))
 
 
 def write_cost(path: Path, cost: Cost) -> None:
