@@ -49,6 +49,14 @@ class Task:
         that crops cannot train on pooled features (the crop changes the time-mean)
     write_outputs(run_dir, utterances, predictions, references) -> None: audit files of the test predictions
         (default: ``predictions.tsv`` with id, prediction, reference)
+    sample_weights(utterances, prepared, options) -> list of floats or None: draw training batches (and score the
+        dev set) by weighted sampling with replacement, in proportion to these weights (KS: class-balanced, as
+        s3prl's ``WeightedRandomSampler``); None or no hook: every epoch visits each utterance once
+    train_batching: frame-level tasks only: ``"length_buckets"`` (similar lengths together, capped by
+        ``train.max_batch_s``) or ``"random"`` (a fresh random permutation cut into ``train.batch_size`` batches
+        every epoch, as s3prl's shuffled DataLoader: ASV)
+    protocol(prepared, options) -> (facts, deviations): the protocol facts a result records (phone set, trial list,
+        sampling, official test size ...) and the run-time deviations from the SUPERB protocol they reveal
     """
 
     name: str
@@ -69,6 +77,9 @@ class Task:
     folds: tuple[int, ...] = ()  # tasks evaluated over several folds (ER); options_cls then has a `fold` field
     train_crop_s: Callable[[Any], float | None] | None = None
     write_outputs: Callable[[Path, Sequence[Utterance], list, Any], None] | None = None
+    sample_weights: Callable[[Sequence[Utterance], PreparedData, Any], list[float] | None] | None = None
+    train_batching: str = "length_buckets"
+    protocol: Callable[[PreparedData, Any], tuple[dict, list[str]]] | None = None
 
 
 def write_predictions_tsv(run_dir: Path, utterances: Sequence[Utterance], predictions: list, references) -> None:
@@ -87,6 +98,8 @@ def register_task(task: Task) -> Task:
         raise ValueError(f"task {task.name!r} is registered twice")
     if task.granularity not in ("pooled", "frames"):
         raise ValueError(f"task {task.name!r}: granularity must be pooled or frames")
+    if task.train_batching not in ("length_buckets", "random"):
+        raise ValueError(f"task {task.name!r}: train_batching must be length_buckets or random")
     TASKS[task.name] = task
     return task
 
