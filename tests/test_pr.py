@@ -100,6 +100,18 @@ def test_s3prl_lexicons_are_recognised_by_their_git_blob_ids(tmp_path, monkeypat
     assert not reversed_order.info["lexicon"]["is_s3prl"]  # the order decides which pronunciation wins
 
 
+def test_s3prl_lexicon_files_in_the_librispeech_folder_are_found(tmp_path):
+    root = make_librispeech(tmp_path)
+    main, others = _lexicons(tmp_path, root)
+    for path, name in zip((main, others), pr.S3PRL_LEXICON_FILES, strict=True):
+        (root / name).write_bytes(path.read_bytes())
+    prepared = prepare(_data(root), PROptions())  # lexicon null: the two files beside the splits
+    assert [f["path"] for f in prepared.info["lexicon"]["files"]] == [str(root / n) for n in pr.S3PRL_LEXICON_FILES]
+    assert prepared.info["oov_dropped_test"] == 0
+    quick = prepare(_data(root), PROptions(lexicon=("cmudict",), stress="strip", oov="drop"))
+    assert quick.info["lexicon"]["files"] == [] and quick.info["oov_dropped_test"] == 1
+
+
 def test_quick_variant_cmudict_unstressed_drops_and_counts_oov(tmp_path):
     root = make_librispeech(tmp_path)
     options = PROptions(stress="strip", oov="drop")
