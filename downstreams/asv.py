@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speechbench.common import atomic_write_text
+from speechbench.common import atomic_write_text, sha256_file
 from speechbench.downstreams.data import (
     DataError,
     Utterance,
@@ -222,7 +222,8 @@ def prepare_real(root: Path, options: ASVOptions) -> tuple[dict[str, list[Uttera
     dev_trials = build_trials(dev_by_speaker, options.dev_trials, rng) if held_out else []
     if not splits["train"] or (held_out and len({t[0] for t in dev_trials}) < 2):
         raise DataError(f"{wav_dir}: not enough development speakers/utterances for training and a dev trial list")
-    info = {"root": str(root), "trial_list": str(trial_path), "test_trials": len(test_trials),
+    info = {"root": str(root), "trial_list": str(trial_path), "trial_list_sha256": sha256_file(trial_path),
+            "test_trials": len(test_trials),
             "dev_trials": len(dev_trials), "dev_speakers": sorted(dev_by_speaker),
             "train_speakers": len({u.speaker for u in splits["train"]}), "train_dropped_short": too_short}
     return splits, {"dev": dev_trials, "test": test_trials}, info
@@ -444,7 +445,8 @@ def protocol(prepared: PreparedData, options: ASVOptions) -> tuple[dict, list[st
     if options.init != "default":
         deviations.append("He initialisation of the x-vector layers (s3prl: PyTorch's default)")
     if prepared.corpus != "synth":
-        facts.update(test_official=OFFICIAL_TRIALS, gain_db=options.gain_db)
+        facts.update(test_official=OFFICIAL_TRIALS, gain_db=options.gain_db,
+                     trial_list_sha256=info.get("trial_list_sha256"))
         if options.gain_db != S3PRL_GAIN_DB:
             deviations.append(f"audio gain {options.gain_db:g} dB (s3prl: {S3PRL_GAIN_DB:g} dB)")
     return facts, deviations
