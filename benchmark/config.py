@@ -1,7 +1,7 @@
 """Recipes: YAML files parsed into frozen dataclasses, with ``key.sub=value`` overrides.
 
-A recipe has fixed sections (``data``, ``featurizer``, ``optim``, ``train``) and one task-specific section,
-``task_options``, parsed by the task's own options dataclass. Unknown keys are errors that list the valid ones.
+A recipe has fixed sections (``data``, ``featurizer``, ``optim``, ``train``, ``protocol``) and one task-specific
+section, ``task_options``, parsed by the task's own options dataclass. Unknown keys are errors that list the valid ones.
 Values are plain YAML scalars (``yaml.safe_load``): no object construction, no ``eval``.
 """
 
@@ -62,6 +62,21 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ProtocolConfig:
+    """What a recipe claims about the published protocol it reproduces (recorded in every result).
+
+    ``reproduces``: ``"superb"`` for a recipe that reproduces SUPERB's setting (s3prl's configs), empty otherwise.
+    ``deviations``: every known difference from that protocol that may change the number, each with its expected
+    effect; a result with any deviation (declared here or found at run time) is not counted in the SUPERB score.
+    ``known_differences``: implementation differences not expected to change the number, kept for audit.
+    """
+
+    reproduces: str = ""
+    deviations: tuple[str, ...] = ()
+    known_differences: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RunConfig:
     task: str
     recipe: str = "custom"
@@ -72,6 +87,7 @@ class RunConfig:
     featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     task_options: Any = None  # the task's own frozen options dataclass
 
 

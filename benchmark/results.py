@@ -10,7 +10,7 @@ from pathlib import Path
 
 from speechbench.common import atomic_write_text
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the protocol fingerprint (benchmark/protocol.py)
 
 
 def package_versions() -> dict:

@@ -28,8 +28,9 @@ from speechbench.benchmark.config import (
 )
 from speechbench.benchmark.cost import upstream_cost
 from speechbench.benchmark.features import OnTheFlyFeatures, PooledFeatures
+from speechbench.benchmark.protocol import protocol_record
 from speechbench.benchmark.results import SCHEMA_VERSION, git_sha, package_versions, read_result, utc_now, write_result
-from speechbench.benchmark.train import DownstreamModel, evaluate, train
+from speechbench.benchmark.train import DownstreamModel, batches_by_length, evaluate, train
 from speechbench.common import atomic_write_text, data_root_env
 from speechbench.downstreams.data import write_manifest
 from speechbench.downstreams.featurizer import WeightedLayerSum
@@ -93,8 +94,11 @@ def data_root_for(req: RunRequest, task: Task) -> str | None:
     return str(env / task.real_corpus) if env else None
 
 
-def resolve_config(req: RunRequest, task: Task) -> RunConfig:
-    """Recipe + command-line flags + ``key.sub=value`` overrides -> a validated RunConfig."""
+def resolve_config(req: RunRequest, task: Task, shipped: bool = False) -> RunConfig:
+    """Recipe + command-line flags + ``key.sub=value`` overrides -> a validated RunConfig.
+
+    ``shipped``: the recipe as shipped, with only the data location applied (what overrides are compared with).
+    """
     data_root = data_root_for(req, task)
     recipe = req.recipe or default_recipe(task.name, data_root)
     path = find_recipe(recipe)
@@ -106,6 +110,8 @@ def resolve_config(req: RunRequest, task: Task) -> RunConfig:
     flags = []
     if data_root:
         flags += ["data.corpus=real", f"data.root={data_root}"]
+    if shipped:
+        return build_run_config(apply_overrides(raw, flags), task.options_cls, str(path))
     if req.layer is not None:
         flags.append(f"featurizer.layer={req.layer}")
     if req.cache:
@@ -211,17 +217,21 @@ def subsample(prepared: PreparedData, max_per_split: int | None) -> PreparedData
 
 
 def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepared: PreparedData,
-                    features: FeatureSet, run_dir: Path, fold: int | None, cost: dict | None = None) -> dict:
-    """Train one head, pick the best dev checkpoint, score it on test, write result.json."""
+                    features: FeatureSet, run_dir: Path, fold: int | None, protocol: dict,
+                    cost: dict | None = None) -> dict:
+    """Train one head, pick the best dev checkpoint, score it on test, write result.json (with ``protocol``)."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     featurizer = WeightedLayerSum(upstream.num_layers, cfg.featurizer.layer_norm, cfg.featurizer.layer)
     model = DownstreamModel(featurizer, task.build_head(upstream.hidden_size, prepared, cfg.task_options))
     train_utts, dev_utts, test_utts = (prepared.splits[s] for s in ("train", "dev", "test"))
+    weights = task.sample_weights or (lambda *_: None)
     state = train(model, task, cfg, features.sources["train"], task.targets(train_utts, prepared),
                   [min(u.duration_s, features.crop_s or u.duration_s) for u in train_utts], features.sources["dev"],
-                  task.references(dev_utts, prepared),
-                  run_dir / "checkpoints", frame_batches=task.granularity == "frames")
+                  task.references(dev_utts, prepared), run_dir / "checkpoints",
+                  length_buckets=batches_by_length(task),
+                  train_weights=weights(train_utts, prepared, cfg.task_options),
+                  dev_weights=weights(dev_utts, prepared, cfg.task_options))
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True))
     scores, predictions = evaluate(model, task, features.sources["test"], task.references(test_utts, prepared),
                                    cfg.train.eval_batch_size, cfg.train.max_batch_s)
@@ -235,6 +245,7 @@ def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepa
         "upstream": {**_upstream_record(upstream, req.upstream_label), "path": req.upstream_path},
         "task": task.name,
         "recipe": {"name": cfg.recipe, "config_sha256": config_sha256(cfg)},
+        "protocol": protocol,
         "data": {"corpus": prepared.corpus, **prepared.info},
         "split": "test", "fold": fold,
         "metric": task.metric, "value": scores[task.metric], "unit": task.unit,
@@ -287,6 +298,7 @@ def run(req: RunRequest, config: RunConfig | None = None) -> list[dict]:
     request's recipe, data root, layer, cache and overrides."""
     task = get_task(req.task)
     base_cfg = config or resolve_config(req, task)
+    shipped_cfg = resolve_config(req, task, shipped=True)
     source = "the synthetic corpus (a smoke benchmark, not SUPERB numbers)" if base_cfg.data.corpus == "synth" \
         else f"the real corpus at {base_cfg.data.root}"
     log.info("task %s, upstream %s, recipe %s, data: %s", task.name, req.upstream, base_cfg.recipe, source)
@@ -326,7 +338,15 @@ def run(req: RunRequest, config: RunConfig | None = None) -> list[dict]:
                     log.info("run %s: lr %g, seed %d%s", run_dir, lr, seed, f", fold {fold}" if fold else "")
                     if features is None:
                         features = FeatureSet(upstream, req.upstream_label, task, prepared, cfg)
-                    result = train_and_score(req, task, cfg, upstream, prepared, features, run_dir, fold, cost)
+                    protocol = protocol_record(cfg, shipped_cfg, task, prepared, lrs)
+                    if cfg.protocol.reproduces:
+                        for deviation in protocol["deviations"]:
+                            log.info("protocol deviation: %s", deviation)
+                    else:
+                        log.info("protocol: %s does not reproduce a published protocol (%d deviations, listed in "
+                                 "result.json)", cfg.recipe, len(protocol["deviations"]))
+                    result = train_and_score(req, task, cfg, upstream, prepared, features, run_dir, fold, protocol,
+                                             cost)
                     log.info("test %s = %.2f%s (best dev step %d) -> %s", task.metric, result["value"], task.unit,
                              result["best_step"], run_dir / "result.json")
                     rows.append((run_dir, result))

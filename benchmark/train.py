@@ -1,7 +1,8 @@
 """The one training loop every task uses: explicit, seeded, resumable.
 
-Batch order is a pure function of ``(seed, epoch)``, and the torch RNG state is saved with each checkpoint, so a
-run resumed from its last checkpoint takes exactly the steps an uninterrupted run would have taken.
+Batch order is a pure function of ``(seed, epoch)`` (weighted dev resamples of ``(seed, step)``), and the torch RNG
+state is saved with each checkpoint, so a run resumed from its last checkpoint takes exactly the steps an
+uninterrupted run would have taken.
 """
 
 from __future__ import annotations
@@ -46,26 +47,45 @@ class TrainState:
 
 
 class BatchSchedule:
-    """Micro-batches of utterance indices for every epoch, deterministic in ``(seed, epoch)``.
+    """Micro-batches of utterance indices for every epoch, a pure function of ``(seed, epoch)``.
 
-    Pooled features: a seeded permutation cut into ``batch_size`` chunks. Frame features: length buckets capped by
-    ``max_batch_s`` padded seconds (and ``batch_size``), visited in a seeded order.
+    - ``weights`` given: weighted sampling with replacement, ``P(i) = weights[i] / sum(weights)`` (s3prl's
+      ``WeightedRandomSampler``); an epoch is ``len(weights)`` draws cut into ``batch_size`` batches, the last
+      partial batch dropped (s3prl's ``drop_last``).
+    - ``max_batch_s`` None: a seeded permutation cut into ``batch_size`` chunks (a fresh mix every epoch).
+    - ``max_batch_s`` set: length buckets capped by ``max_batch_s`` padded seconds (and ``batch_size``), visited in
+      a seeded order; utterances of equal duration are ordered at random each epoch, so they do not share the same
+      bucket every epoch.
     """
 
-    def __init__(self, durations_s: Sequence[float], batch_size: int, seed: int, max_batch_s: float | None):
+    def __init__(self, durations_s: Sequence[float], batch_size: int, seed: int, max_batch_s: float | None,
+                 weights: Sequence[float] | None = None):
         self.durations_s, self.batch_size = list(durations_s), batch_size
         self.seed, self.max_batch_s = seed, max_batch_s
+        self.probabilities = None
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64)
+            if w.shape != (len(self.durations_s),) or not np.all(w >= 0) or not w.sum() > 0:
+                raise ValueError(f"sample weights must be {len(self.durations_s)} non-negative numbers, not all 0")
+            self.probabilities = w / w.sum()
         self._epoch, self._batches = -1, []
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         if epoch != self._epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            if self.max_batch_s is None:
-                order = rng.permutation(len(self.durations_s)).tolist()
-                self._batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            n = len(self.durations_s)
+            if self.probabilities is not None:
+                draws = rng.choice(n, size=n, replace=True, p=self.probabilities).tolist()
+                full = max(1, n // self.batch_size) * self.batch_size  # drop_last, but never an empty epoch
+                self._batches = [draws[i: i + self.batch_size] for i in range(0, min(full, n), self.batch_size)]
+            elif self.max_batch_s is None:
+                order = rng.permutation(n).tolist()
+                self._batches = [order[i: i + self.batch_size] for i in range(0, n, self.batch_size)]
             else:
-                buckets = bucket_by_duration(self.durations_s, self.max_batch_s, self.batch_size)
-                self._batches = [buckets[i] for i in rng.permutation(len(buckets))]
+                shuffled = rng.permutation(n)  # sort is stable: equal durations keep this random order
+                buckets = bucket_by_duration([self.durations_s[i] for i in shuffled], self.max_batch_s,
+                                             self.batch_size)
+                self._batches = [[int(shuffled[j]) for j in buckets[i]] for i in rng.permutation(len(buckets))]
             self._epoch = epoch
         return self._batches
 
@@ -73,6 +93,19 @@ class BatchSchedule:
         """The ``index``-th micro-batch since the start of training."""
         per_epoch = len(self.epoch_batches(0))
         return self.epoch_batches(index // per_epoch)[index % per_epoch]
+
+
+def weighted_resample(weights: Sequence[float], seed: int, step: int) -> list[int]:
+    """``len(weights)`` indices drawn with replacement in proportion to ``weights``, seeded by ``(seed, step)``:
+    the dev draw of s3prl's class-balanced evaluation (a fresh draw at every evaluation), reproducible here."""
+    p = np.asarray(weights, dtype=np.float64)
+    rng = np.random.default_rng([seed, step, 1])
+    return rng.choice(len(p), size=len(p), replace=True, p=p / p.sum()).tolist()
+
+
+def batches_by_length(task: Task) -> bool:
+    """Whether ``task`` trains on length buckets (frame-level tasks, unless they ask for random batches)."""
+    return task.granularity == "frames" and task.train_batching == "length_buckets"
 
 
 def take(targets: Any, indices: Sequence[int]) -> Any:
@@ -122,9 +155,14 @@ def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
 
 def train(model: DownstreamModel, task: Task, cfg: RunConfig, train_source, train_targets: Any,
           train_durations_s: Sequence[float], dev_source, dev_references: list, ckpt_dir: Path,
-          frame_batches: bool = False, on_checkpoint: Callable[[int], None] | None = None) -> TrainState:
+          length_buckets: bool = False, on_checkpoint: Callable[[int], None] | None = None,
+          train_weights: Sequence[float] | None = None, dev_weights: Sequence[float] | None = None) -> TrainState:
     """Train ``model`` for ``cfg.train.max_steps`` updates, keeping the best dev checkpoint in ``ckpt_dir/best.pt``.
 
+    ``length_buckets``: batch by length under ``train.max_batch_s`` (frame features), else random batches.
+    ``train_weights``: draw training batches by weighted sampling (see :class:`BatchSchedule`). ``dev_weights``:
+    select on the dev score of a weighted resample of the dev set, drawn afresh at every evaluation from
+    ``(seed, step)`` (s3prl's class-balanced dev loader for KS); the plain dev score is kept in the history.
     Resumes from ``ckpt_dir/last.pt`` when it exists. Returns the final state (best step and dev value).
     """
     tc = cfg.train
@@ -141,7 +179,8 @@ def train(model: DownstreamModel, task: Task, cfg: RunConfig, train_source, trai
         state = TrainState(ckpt["step"], ckpt["best_step"], ckpt["best_dev"], list(ckpt["history"]))
         log.info("resumed from %s at step %d (best dev %s at step %d)", last, state.step, state.best_dev,
                  state.best_step)
-    schedule = BatchSchedule(train_durations_s, tc.batch_size, tc.seed, tc.max_batch_s if frame_batches else None)
+    schedule = BatchSchedule(train_durations_s, tc.batch_size, tc.seed, tc.max_batch_s if length_buckets else None,
+                             train_weights)
     model.train()
     bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", unit="step", disable=None)
     running = []
@@ -167,13 +206,20 @@ def train(model: DownstreamModel, task: Task, cfg: RunConfig, train_source, trai
             log.debug("step %d loss %.4f", state.step, np.mean(running))
             running = []
         if state.step % tc.eval_every == 0 or state.step == tc.max_steps:
-            scores, _ = evaluate(model, task, dev_source, dev_references, tc.eval_batch_size, tc.max_batch_s)
+            scores, predictions = evaluate(model, task, dev_source, dev_references, tc.eval_batch_size,
+                                           tc.max_batch_s)
+            record = {"step": state.step, "loss": step_loss, f"dev_{task.metric}": scores[task.metric]}
+            if dev_weights is not None:
+                draw = weighted_resample(dev_weights, tc.seed, state.step)
+                scores = task.score([predictions[i] for i in draw], [dev_references[i] for i in draw])
+                record[f"dev_{task.metric}_all"] = record[f"dev_{task.metric}"]
+                record[f"dev_{task.metric}"] = scores[task.metric]
             value = scores[task.metric]
             improved = is_better(value, state.best_dev, task.higher_is_better)
             if improved:
                 state.best_dev, state.best_step = value, state.step
                 atomic_torch_save(model.state_dict(), ckpt_dir / "best.pt")
-            state.history.append({"step": state.step, "loss": step_loss, f"dev_{task.metric}": value})
+            state.history.append(record)
             log.info("step %d/%d  loss %.4f  dev %s %.2f%s%s", state.step, tc.max_steps, step_loss, task.metric,
                      value, task.unit, "  (best)" if improved else "")
             atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),

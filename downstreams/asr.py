@@ -9,8 +9,9 @@ Targets: the 28 characters A-Z, apostrophe and the word boundary ``|``, CTC blan
 other character is a one-line error naming the utterance.
 
 Head (s3prl ``downstream/asr``): Linear(D, 1024) -> 2-layer BiLSTM, 1024 units per direction, dropout 0.2 after
-each layer -> Linear(2048, 29); SpecAugment on the featurizer output during training only (``spec_*`` options;
-masks drawn from the torch RNG, which the training loop seeds and checkpoints, so a resumed run masks exactly as an
+each layer -> Linear(2048, 29); SpecAugment on the featurizer output during training only (``spec_*`` options: time
+warping within a window of ``spec_time_warp`` frames (s3prl: 5), then frequency and time masks; warps and masks drawn
+from the torch RNG, which the training loop seeds and checkpoints, so a resumed run masks exactly as an
 uninterrupted one). Decoding is greedy (best path); the metric is corpus-level WER (jiwer), CER is reported beside
 it. Test hypotheses and references are written to ``hyp.txt`` / ``ref.txt`` (``<utt-id> TEXT``) for audit.
 
@@ -21,7 +22,7 @@ splits, dev/test sentences never seen in training).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 from speechbench.common import atomic_write_text
 from speechbench.downstreams.ctc import (
     LIBRISPEECH,
+    OFFICIAL_TEST_UTTERANCES,
     CTCOutput,
     ctc_loss,
     greedy_decode,
@@ -41,6 +43,8 @@ from speechbench.downstreams.metrics import token_error_rate_percent, word_error
 from speechbench.downstreams.tasks import PreparedData, Task, edit_items, register_task
 from speechbench.downstreams.text import CHAR_VOCAB, chars_to_text, normalise_transcript, text_to_chars
 
+S3PRL_TIME_WARP = 5
+
 
 @dataclass(frozen=True)
 class ASROptions:
@@ -49,7 +53,9 @@ class ASROptions:
     num_layers: int = 2
     dropout: float = 0.2  # after every recurrent layer
     downsample: int = 1  # concatenate this many consecutive frames after the projection (s3prl sample_style concat)
-    specaug: bool = True
+    specaug: bool = field(default=True, metadata={"protocol": "task"})
+    # time-warp window in frames, 0 = off (s3prl downstream/asr/config.yaml: 5)
+    spec_time_warp: int = field(default=S3PRL_TIME_WARP, metadata={"protocol": "task"})
     spec_freq_masks: int = 4  # s3prl downstream/asr/config.yaml
     spec_freq_width: int = 50  # mask widths drawn from [0, width)
     spec_time_masks: int = 2
@@ -99,17 +105,39 @@ def targets(utterances: Sequence[Utterance], prepared: PreparedData) -> list[tor
     return [torch.tensor(vocab.encode(text_to_chars(u.labels["text"])), dtype=torch.long) for u in utterances]
 
 
-class SpecAugment(nn.Module):
-    """Frequency and time masking of ``x [B, T, D]`` (valid frames ``lengths [B]``), in training mode only.
+def time_warp(x: torch.Tensor, window: int) -> torch.Tensor:
+    """SpecAugment time warping of one utterance's valid frames ``x [T, D]`` -> ``[T, D]`` (s3prl's rule).
 
-    Per utterance: ``freq_masks`` bands of width ``U[0, freq_width)`` over D and ``time_masks`` spans of width
-    ``U[0, time_width)`` inside the valid frames are set to zero. All randomness comes from the global torch RNG.
+    A centre frame ``c ~ U[window, T - window)`` moves to ``w ~ c + U[-window, window) + 1``: frames ``[0, c)`` are
+    resampled (bicubic along time, ``align_corners=False``) onto ``[0, w)`` and frames ``[c, T)`` onto ``[w, T)``.
+    Utterances with ``T <= 2 * window`` are returned unchanged. Randomness from the global torch RNG.
+    """
+    t = x.shape[0]
+    if window <= 0 or t - window <= window:
+        return x
+    centre = int(torch.randint(window, t - window, (1,)))
+    warped = int(torch.randint(centre - window, centre + window, (1,))) + 1
+    grid = x[None, None]  # [1, 1, T, D]: bicubic over (time, dim) with dim kept at its size moves time only
+    left = nn.functional.interpolate(grid[:, :, :centre], (warped, x.shape[1]), mode="bicubic", align_corners=False)
+    right = nn.functional.interpolate(grid[:, :, centre:], (t - warped, x.shape[1]), mode="bicubic",
+                                      align_corners=False)
+    return torch.cat([left, right], dim=2)[0, 0]
+
+
+class SpecAugment(nn.Module):
+    """Time warping, then frequency and time masking of ``x [B, T, D]`` (valid frames ``lengths [B]``), in training
+    mode only.
+
+    Per utterance: :func:`time_warp` of its valid frames within ``time_warp`` frames (0: none), then ``freq_masks``
+    bands of width ``U[0, freq_width)`` over D and ``time_masks`` spans of width ``U[0, time_width)`` inside the valid
+    frames are set to zero. All randomness comes from the global torch RNG.
     """
 
-    def __init__(self, freq_masks: int, freq_width: int, time_masks: int, time_width: int):
+    def __init__(self, freq_masks: int, freq_width: int, time_masks: int, time_width: int, time_warp: int = 0):
         super().__init__()
         self.freq_masks, self.freq_width = freq_masks, freq_width
         self.time_masks, self.time_width = time_masks, time_width
+        self.time_warp = time_warp
 
     @staticmethod
     def _spans(count: int, width: int, size: torch.Tensor, axis_len: int) -> torch.Tensor:
@@ -125,6 +153,9 @@ class SpecAugment(nn.Module):
         if not self.training:
             return x
         b, t, d = x.shape
+        if self.time_warp > 0:  # a loop over the utterances of the batch, not over frames
+            x = torch.stack([torch.cat([time_warp(x[i, :n], self.time_warp), x[i, n:]]) for i, n in
+                             enumerate(lengths.tolist())])
         mask = torch.zeros(b, t, d, dtype=torch.bool)
         if self.freq_masks and self.freq_width:
             mask |= self._spans(self.freq_masks, self.freq_width, torch.full((b,), d), d)[:, None, :]
@@ -171,7 +202,7 @@ class BiLSTMCTCHead(nn.Module):
         super().__init__()
         self.downsample = max(1, options.downsample)
         self.specaug = SpecAugment(options.spec_freq_masks, options.spec_freq_width, options.spec_time_masks,
-                                   options.spec_time_width) if options.specaug else None
+                                   options.spec_time_width, options.spec_time_warp) if options.specaug else None
         self.projector = nn.Linear(input_dim, options.project_dim)
         size = options.project_dim * self.downsample
         self.rnns = nn.ModuleList()
@@ -237,10 +268,24 @@ def item_scores(predictions: list[str], refs: list[str], utterances: Sequence[Ut
     return edit_items([p.split() for p in predictions], [r.split() for r in refs], utterances)
 
 
+def protocol(prepared: PreparedData, options: ASROptions) -> tuple[dict, list[str]]:
+    """Facts: SpecAugment's time warp and the official test size; deviation: no (or another) time warp."""
+    warp = options.spec_time_warp if options.specaug else 0
+    facts: dict = {"specaug": options.specaug, "time_warp_window": warp}
+    deviations = []
+    if not options.specaug:
+        deviations.append("no SpecAugment (s3prl: time warp 5, 4 frequency masks < 50, 2 time masks < 40)")
+    elif warp != S3PRL_TIME_WARP:
+        deviations.append(f"SpecAugment time warp window {warp} (s3prl: {S3PRL_TIME_WARP})")
+    if prepared.corpus != "synth" and options.test_split in OFFICIAL_TEST_UTTERANCES:
+        facts["test_official"] = OFFICIAL_TEST_UTTERANCES[options.test_split]
+    return facts, deviations
+
+
 TASK = register_task(Task(
     name="asr", metric="wer", unit="%", higher_is_better=False, granularity="frames",
     options_cls=ASROptions, prepare=prepare, targets=targets, build_head=build_head, loss=loss,
     predict=predict, references=references, score=score,
     summary="speech recognition, character CTC with a BiLSTM head, greedy decoding, WER",
-    real_corpus=LIBRISPEECH, write_outputs=write_outputs, item_scores=item_scores,
+    real_corpus=LIBRISPEECH, write_outputs=write_outputs, protocol=protocol, item_scores=item_scores,
 ))

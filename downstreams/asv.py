@@ -8,9 +8,16 @@ trial list; of those, ``dev_speakers`` (chosen by a hash of the speaker id, so t
 machine) are held out to build a dev trial list (``dev_trials`` balanced target/nontarget pairs among
 ``dev_utterances_per_speaker`` utterances per held-out speaker, seeded); the others are the training speakers.
 
-Checkpoint selection: SUPERB had no ASV dev set and picked checkpoints on the test trials. Here the best checkpoint
-is chosen by the EER on the dev trials of held-out speakers (never the test trials); every score dict says so in
-``checkpoint_selection``.
+Checkpoint selection (``task_options.checkpoint_selection``): SUPERB had no ASV dev set and reported the best test
+EER over the checkpoints at 20k, 40k, ... 200k steps. ``dev_trials`` (the default) chooses the checkpoint by the EER
+on the dev trials of held-out speakers, never the test trials. ``superb_test`` reproduces SUPERB: no speaker is held
+out (training uses every development speaker, as s3prl), the "dev" set is the test trial list itself, so the reported
+EER is the best test EER over the checkpoints taken every ``train.eval_every`` steps (the superb recipe: 20k). The
+rule is written into every score dict (``checkpoint_selection``) and the result's protocol facts.
+
+Batches (as s3prl's shuffled DataLoader): a fresh random permutation of the training utterances every epoch, cut into
+``train.batch_size`` batches, so a batch mixes speakers and changes between epochs.
+Audio of the real corpus is scaled by ``task_options.gain_db`` (-3 dB: s3prl's sox ``gain -3.0``).
 
 Crops (s3prl ``sv_voxceleb1``): training utterances shorter than ``min_train_s`` (2 s: s3prl's ``min_sec`` of
 32,000 samples) are dropped, longer ones are cut to random ``max_crop_s`` windows (8 s: ``max_timestep`` 128,000
@@ -32,7 +39,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,19 +48,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speechbench.common import atomic_write_text
+from speechbench.common import atomic_write_text, sha256_file
 from speechbench.downstreams.data import (
     DataError,
     Utterance,
     audio_duration_s,
     expect_path,
     read_manifest,
+    with_gain,
 )
 from speechbench.downstreams.metrics import equal_error_rate_percent, min_dcf
 from speechbench.downstreams.tasks import PreparedData, Task, register_task
 
 REAL_CORPUS = "VoxCeleb1"
 SELECTION_RULE = "best dev EER on trials between held-out training-set speakers (never the test trials)"
+SUPERB_TEST_RULE = ("superb_test: best test EER over the checkpoints taken every train.eval_every steps (SUPERB's "
+                    "rule; optimistic, the test trials choose the checkpoint)")
+SELECTIONS = ("dev_trials", "superb_test")
+INITS = ("default", "he")
+OFFICIAL_TRIALS = 37720  # veri_test.txt (s3prl: voxceleb1_test_v2.txt, the same 37,720 pairs)
+S3PRL_GAIN_DB = -3.0
 XVECTOR_CONTEXT = 14  # frames lost by the TDNN stack: (5-1)*1 + (3-1)*2 + (3-1)*3
 
 
@@ -67,11 +81,17 @@ class ASVOptions:
     am_margin: float = 0.4
     max_crop_s: float | None = 8.0  # random training crops; null = whole utterances
     min_train_s: float = 2.0  # training utterances shorter than this are dropped
-    trial_list: str = "veri_test.txt"  # relative to the data root, or a path
-    dev_speakers: int = 40  # held-out development speakers for the dev trial list (real corpus)
+    # relative to the data root, or a path; the protocol facts record its name and size
+    trial_list: str = field(default="veri_test.txt", metadata={"protocol": "task"})
+    dev_speakers: int = 40  # held-out development speakers for the dev trial list (real corpus, dev_trials only)
     dev_utterances_per_speaker: int = 20
     dev_trials: int = 10000
     split_seed: int = 0  # seeds the dev utterance and trial draw (real corpus)
+    # dev_trials (default) | superb_test (module docstring)
+    checkpoint_selection: str = field(default="dev_trials", metadata={"protocol": "task"})
+    # default: PyTorch's initialisation (s3prl) | he: He-normal TDNN and segment layers, zero biases
+    init: str = field(default="default", metadata={"protocol": "task"})
+    gain_db: float = field(default=S3PRL_GAIN_DB, metadata={"protocol": "task"})  # real-corpus audio
 
 
 @dataclass(frozen=True)
@@ -171,10 +191,11 @@ def prepare_real(root: Path, options: ASVOptions) -> tuple[dict[str, list[Uttera
             expect_path(level, f"{what} {note}", REAL_CORPUS)
     test_speakers = {Path(i).parts[0] for i in test_ids}
     dev_pool = sorted(p.name for p in wav_dir.iterdir() if p.is_dir() and p.name not in test_speakers)
-    if len(dev_pool) < options.dev_speakers + 2:
+    if options.checkpoint_selection == "dev_trials" and len(dev_pool) < options.dev_speakers + 2:
         raise DataError(f"{wav_dir}: {len(dev_pool)} development speaker folders (not in {trial_path.name}); need "
                         f"more than task_options.dev_speakers = {options.dev_speakers}")
-    held_out = set(sorted(dev_pool, key=_hash)[: options.dev_speakers])
+    n_held_out = options.dev_speakers if options.checkpoint_selection == "dev_trials" else 0
+    held_out = set(sorted(dev_pool, key=_hash)[:n_held_out])
     rng = np.random.default_rng(options.split_seed)
     splits: dict[str, list[Utterance]] = {"train": [], "dev": [], "test": []}
     dev_by_speaker: dict[str, list[str]] = {}
@@ -198,10 +219,11 @@ def prepare_real(root: Path, options: ASVOptions) -> tuple[dict[str, list[Uttera
         rel = f"{uid}.wav"
         splits["test"].append(Utterance(uid, rel, audio_duration_s(wav_dir / rel, trial_path), Path(uid).parts[0],
                                         "test", {"label": Path(uid).parts[0]}))
-    dev_trials = build_trials(dev_by_speaker, options.dev_trials, rng)
-    if not splits["train"] or len({t[0] for t in dev_trials}) < 2:
+    dev_trials = build_trials(dev_by_speaker, options.dev_trials, rng) if held_out else []
+    if not splits["train"] or (held_out and len({t[0] for t in dev_trials}) < 2):
         raise DataError(f"{wav_dir}: not enough development speakers/utterances for training and a dev trial list")
-    info = {"root": str(root), "trial_list": str(trial_path), "test_trials": len(test_trials),
+    info = {"root": str(root), "trial_list": str(trial_path), "trial_list_sha256": sha256_file(trial_path),
+            "test_trials": len(test_trials),
             "dev_trials": len(dev_trials), "dev_speakers": sorted(dev_by_speaker),
             "train_speakers": len({u.speaker for u in splits["train"]}), "train_dropped_short": too_short}
     return splits, {"dev": dev_trials, "test": test_trials}, info
@@ -213,6 +235,10 @@ def _drop_short(utts: Sequence[Utterance], min_s: float) -> tuple[list[Utterance
 
 
 def prepare(data_cfg, options: ASVOptions) -> PreparedData:
+    for name, value, allowed in (("checkpoint_selection", options.checkpoint_selection, SELECTIONS),
+                                 ("init", options.init, INITS)):
+        if value not in allowed:
+            raise DataError(f"task_options.{name} must be one of {', '.join(allowed)}, got {value!r}")
     if data_cfg.corpus == "synth":
         from speechbench.downstreams.synth.corpus import ensure_corpus
 
@@ -231,13 +257,21 @@ def prepare(data_cfg, options: ASVOptions) -> PreparedData:
                             "(wav/ and veri_test.txt)")
         root = Path(data_cfg.root)
         splits, trials, info = prepare_real(root, options)
+        splits = {split: with_gain(utts, options.gain_db) for split, utts in splits.items()}
         audio_root, corpus = root / "wav", REAL_CORPUS
+        info["gain_db"] = options.gain_db
     if not splits["train"]:
         raise DataError(f"no ASV training utterances of at least task_options.min_train_s = {options.min_train_s} s")
+    rule = SELECTION_RULE
+    if options.checkpoint_selection == "superb_test":  # select on the test trials themselves (SUPERB)
+        splits["dev"] = [Utterance(u.id, u.path, u.duration_s, u.speaker, "dev", u.labels) for u in splits["test"]]
+        trials = {**trials, "dev": trials["test"]}
+        info.update(dev_trials=len(trials["test"]), dev_speakers=[])
+        rule = SUPERB_TEST_RULE
     speakers = tuple(sorted({u.speaker for u in splits["train"]}))
-    info.update({"checkpoint_selection": SELECTION_RULE, "min_train_s": options.min_train_s,
-                 "max_crop_s": options.max_crop_s})
-    return PreparedData(audio_root, splits, corpus, ASVData(speakers, trials), info)
+    info.update({"checkpoint_selection": rule, "min_train_s": options.min_train_s,
+                 "max_crop_s": options.max_crop_s, "train_speakers": len(speakers)})
+    return PreparedData(audio_root, splits, corpus, ASVData(speakers, trials, rule), info)
 
 
 def train_crop_s(options: ASVOptions) -> float | None:
@@ -267,14 +301,17 @@ class TDNN(nn.Module):
     ``[B, C_in, T] -> [B, C_out, T - (context - 1) * dilation]``.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, context: int, dilation: int, batch_norm: bool = False):
+    def __init__(self, in_dim: int, out_dim: int, context: int, dilation: int, batch_norm: bool = False,
+                 he_init: bool = False):
         super().__init__()
+        # PyTorch's default initialisation of a Conv1d over `context` frames is that of s3prl's Linear(in * context,
+        # out) on unfolded frames: the same fan-in, the same uniform ranges
         self.conv = nn.Conv1d(in_dim, out_dim, context, dilation=dilation)
-        # He initialisation for the ReLU stack: with PyTorch's default the signal shrinks ~3x per layer, and after
-        # five layers the pooled statistics are smaller than the biases, so every utterance starts out with nearly
-        # the same embedding and a short (CPU-sized) training barely moves away from that collapse
-        nn.init.kaiming_normal_(self.conv.weight, nonlinearity="relu")
-        nn.init.zeros_(self.conv.bias)
+        if he_init:
+            # with the default init the signal shrinks ~3x per ReLU layer, so after five layers the pooled statistics
+            # are smaller than the biases and every utterance starts out with nearly the same embedding
+            nn.init.kaiming_normal_(self.conv.weight, nonlinearity="relu")
+            nn.init.zeros_(self.conv.bias)
         self.bn = nn.BatchNorm1d(out_dim) if batch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,12 +319,13 @@ class TDNN(nn.Module):
 
 
 def stats_pool(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Mean and standard deviation over the valid frames: ``x [B, C, T]``, ``lengths [B]`` -> ``[B, 2C]``."""
+    """Mean and unbiased standard deviation (as s3prl's ``torch.std``) over the valid frames: ``x [B, C, T]``,
+    ``lengths [B]`` -> ``[B, 2C]``; 1e-6 inside the square root keeps the gradient finite for a constant channel."""
     mask = (torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None].to(x.device)).to(x.dtype)
     mask = mask[:, None, :]
     n = mask.sum(-1).clamp(min=1)
     mean = (x * mask).sum(-1) / n
-    var = (((x - mean[..., None]) * mask) ** 2).sum(-1) / n
+    var = (((x - mean[..., None]) * mask) ** 2).sum(-1) / (n - 1).clamp(min=1)
     return torch.cat([mean, (var + 1e-6).sqrt()], dim=-1)
 
 
@@ -296,15 +334,16 @@ class XVectorHead(nn.Module):
 
     def __init__(self, input_dim: int, num_speakers: int, options: ASVOptions):
         super().__init__()
-        w, bn = options.input_dim, options.batch_norm
+        w, bn, he = options.input_dim, options.batch_norm, options.init == "he"
         self.connector = nn.Linear(input_dim, w)
-        self.tdnn = nn.Sequential(TDNN(w, w, 5, 1, bn), TDNN(w, w, 3, 2, bn), TDNN(w, w, 3, 3, bn),
-                                  TDNN(w, w, 1, 1, bn), TDNN(w, options.agg_dim, 1, 1, bn))
+        self.tdnn = nn.Sequential(TDNN(w, w, 5, 1, bn, he), TDNN(w, w, 3, 2, bn, he), TDNN(w, w, 3, 3, bn, he),
+                                  TDNN(w, w, 1, 1, bn, he), TDNN(w, options.agg_dim, 1, 1, bn, he))
         self.segment6 = nn.Linear(2 * options.agg_dim, options.embedding_dim)
         self.segment7 = nn.Linear(options.embedding_dim, options.embedding_dim)
-        for layer in (self.segment6, self.segment7):
-            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-            nn.init.zeros_(layer.bias)
+        if he:
+            for layer in (self.segment6, self.segment7):
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
         self.centres = nn.Parameter(torch.empty(num_speakers, options.embedding_dim))
         nn.init.xavier_normal_(self.centres)
         self.scale, self.margin = options.am_scale, options.am_margin
@@ -399,11 +438,34 @@ def item_scores(embeddings: list[torch.Tensor], trials: TrialList, utterances: S
              "test_speaker": speaker[b]} for (lab, a, b), s in zip(trials.pairs, scores, strict=True)]
 
 
+def protocol(prepared: PreparedData, options: ASVOptions) -> tuple[dict, list[str]]:
+    """Facts: trial list name and size, checkpoint selection, training speakers; deviations from SUPERB's setting."""
+    info = prepared.info
+    trial_name = Path(info["trial_list"]).name if "trial_list" in info else "asv/test_trials.txt (synthetic)"
+    facts = {"trial_list": trial_name, "trials": info["test_trials"], "test_scored": info["test_trials"],
+             "checkpoint_selection": options.checkpoint_selection, "checkpoint_rule": info["checkpoint_selection"],
+             "train_speakers": info["train_speakers"], "init": options.init, "batches": "random (reshuffled per epoch)"}
+    deviations = []
+    if options.checkpoint_selection == "dev_trials":
+        held_out = len({u.speaker for u in prepared.splits["dev"]})
+        deviations.append(f"checkpoint chosen on dev trials of {held_out} held-out "
+                          "development speakers, who are not trained on (SUPERB: best test EER over the checkpoints, "
+                          "task_options.checkpoint_selection=superb_test); expect a somewhat higher EER")
+    if options.init != "default":
+        deviations.append("He initialisation of the x-vector layers (s3prl: PyTorch's default)")
+    if prepared.corpus != "synth":
+        facts.update(test_official=OFFICIAL_TRIALS, gain_db=options.gain_db,
+                     trial_list_sha256=info.get("trial_list_sha256"))
+        if options.gain_db != S3PRL_GAIN_DB:
+            deviations.append(f"audio gain {options.gain_db:g} dB (s3prl: {S3PRL_GAIN_DB:g} dB)")
+    return facts, deviations
+
+
 TASK = register_task(Task(
     name="asv", metric="eer", unit="%", higher_is_better=False, granularity="frames",
     options_cls=ASVOptions, prepare=prepare, targets=targets, build_head=build_head, loss=loss,
     predict=predict, references=references, score=score,
     summary="speaker verification, x-vector head with AM-softmax, cosine scoring, EER (dev-trial selection)",
-    real_corpus=REAL_CORPUS, train_crop_s=train_crop_s, write_outputs=write_outputs,
-    item_scores=item_scores,
+    real_corpus=REAL_CORPUS, train_crop_s=train_crop_s, write_outputs=write_outputs, train_batching="random",
+    protocol=protocol, item_scores=item_scores,
 ))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from speechbench.downstreams.data import DataError, Utterance, audio_duration_s, expect_path, read_manifest
 
 LIBRISPEECH = "LibriSpeech"
+OFFICIAL_TEST_UTTERANCES = {"test-clean": 2620, "test-other": 2939}  # LibriSpeech's test sets
 
 
 class CTCOutput(NamedTuple):

@@ -190,9 +190,20 @@ def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 
 def load_utterance_audio(utt: Utterance, root: str | os.PathLike | None,
                          sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Load an utterance's samples; rows with ``offset_s`` are a ``duration_s`` crop of a longer file."""
+    """Load an utterance's samples; rows with ``offset_s`` are a ``duration_s`` crop of a longer file, rows with
+    ``gain_db`` are scaled by ``10 ** (gain_db / 20)`` (s3prl's sox ``gain -3`` on KS and ASV audio)."""
     audio = load_audio(resolve_audio_path(utt, root), sample_rate)
     if "offset_s" in utt.labels:
         start = int(round(float(utt.labels["offset_s"]) * sample_rate))
         audio = crop_or_pad(audio, int(round(utt.duration_s * sample_rate)), start)
+    if utt.labels.get("gain_db"):
+        audio = (audio * 10.0 ** (float(utt.labels["gain_db"]) / 20.0)).astype(np.float32)
     return audio
+
+
+def with_gain(utterances: Sequence[Utterance], gain_db: float) -> list[Utterance]:
+    """The utterances with a ``gain_db`` label (applied when their audio is loaded); 0 leaves them unchanged."""
+    if not gain_db:
+        return list(utterances)
+    return [Utterance(u.id, u.path, u.duration_s, u.speaker, u.split, {**u.labels, "gain_db": gain_db})
+            for u in utterances]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +40,16 @@ CLASSES = ("neu", "hap", "ang", "sad")
 MERGE = {"exc": "hap"}
 FOLDS = (1, 2, 3, 4, 5)
 REAL_CORPUS = "IEMOCAP_full_release"
+# 4-class utterances (neu, hap + exc, ang, sad) per session: the test set of each fold, 5,531 in all
+OFFICIAL_TEST_UTTERANCES = {1: 1085, 2: 1023, 3: 1151, 4: 1031, 5: 1241}
 # "[6.2901 - 8.2357]<TAB>Ses01F_impro01_F000<TAB>neu<TAB>[2.5000, 2.5000, 2.5000]"
 _SUMMARY_LINE = re.compile(r"^\[\s*([\d.]+)\s*-\s*([\d.]+)\s*\]\s+(Ses\w+)\s+(\w+)\s+\[")
 
 
 @dataclass(frozen=True)
 class EROptions:
-    fold: int = 1  # leave-one-session-out fold: test on Session <fold>
+    # leave-one-session-out fold: test on Session <fold>
+    fold: int = field(default=1, metadata={"protocol": "neutral"})
     projector_dim: int = 256
     dev_fraction: float = 0.2  # share of the fold's training part held out as dev
     dev_seed: int = 0  # seeds the dev draw (together with the fold)
@@ -164,10 +167,18 @@ def score(predictions: list, refs: list) -> dict:
     return {"accuracy": accuracy_percent(predictions, refs)}
 
 
+def protocol(prepared: PreparedData, options: EROptions) -> tuple[dict, list[str]]:
+    """Facts: the fold, the number of folds the ER number averages, and the fold's official test size."""
+    facts: dict = {"fold": options.fold, "folds": len(FOLDS)}
+    if prepared.corpus != "synth":
+        facts["test_official"] = OFFICIAL_TEST_UTTERANCES.get(options.fold)
+    return facts, []
+
+
 TASK = register_task(Task(
     name="er", metric="accuracy", unit="%", higher_is_better=True, granularity="pooled",
     options_cls=EROptions, prepare=prepare, targets=targets, build_head=build_head, loss=loss,
     predict=predict, references=references, score=score,
     summary="emotion recognition, 4 classes (exc merged into hap), 5 leave-one-session-out folds, mean accuracy",
-    real_corpus=REAL_CORPUS, folds=FOLDS, item_scores=correct_items,
+    real_corpus=REAL_CORPUS, folds=FOLDS, protocol=protocol, item_scores=correct_items,
 ))

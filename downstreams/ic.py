@@ -39,6 +39,7 @@ from speechbench.downstreams.tasks import PreparedData, Task, correct_items, reg
 
 SLOTS = ("action", "object", "location")
 REAL_CORPUS = "fluent_speech_commands_dataset"
+OFFICIAL_TEST_UTTERANCES = 3793  # data/test_data.csv
 CSV_FILES = {"train": "train_data.csv", "dev": "valid_data.csv", "test": "test_data.csv"}
 CSV_COLUMNS = ("path", "speakerId", "transcription") + SLOTS
 
@@ -168,10 +169,15 @@ def write_outputs(run_dir: Path, utterances: Sequence[Utterance], predictions: l
         for u, p, r in zip(utterances, predictions, refs, strict=True)))
 
 
+def protocol(prepared: PreparedData, options: ICOptions) -> tuple[dict, list[str]]:
+    """Facts: the official test size on the real corpus (no run-time deviation is possible here)."""
+    return ({} if prepared.corpus == "synth" else {"test_official": OFFICIAL_TEST_UTTERANCES}), []
+
+
 TASK = register_task(Task(
     name="ic", metric="accuracy", unit="%", higher_is_better=True, granularity="pooled",
     options_cls=ICOptions, prepare=prepare, targets=targets, build_head=build_head, loss=loss,
     predict=predict, references=references, score=score,
     summary="intent classification (action, object, location), accuracy with all three slots right",
-    real_corpus=REAL_CORPUS, write_outputs=write_outputs, item_scores=correct_items,
+    real_corpus=REAL_CORPUS, write_outputs=write_outputs, protocol=protocol, item_scores=correct_items,
 ))

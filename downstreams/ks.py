@@ -7,21 +7,32 @@ validation list, test = the official test set (its own ``_unknown_`` and ``_sile
 the ten targets become ``_unknown_``; ``_silence_`` for train/dev is the background-noise files cut into
 consecutive 1 s crops, each crop assigned to dev when a hash of its name falls in the lowest 10 %.
 
-Synthetic corpus: ``ks/{train,dev,test}.jsonl`` of the generated corpus, same labels.
+Sampling (``task_options.sampling``): ``class_balanced`` (SUPERB, s3prl's ``WeightedRandomSampler`` with weights
+``len(split) / count(class)``) draws training batches with replacement so that each of the 12 classes is 1/12 of the
+draws, and selects the checkpoint on the accuracy of a class-balanced resample of the dev set drawn afresh at every
+evaluation (seeded by the run's seed and the step, so it is reproducible); ``uniform`` visits every training
+utterance once per epoch and scores the whole dev set (on the real corpus about 63 % of the training clips are
+``_unknown_`` and under 1 % ``_silence_``, which then shifts the head's prior).
+
+Real-corpus audio is scaled by ``task_options.gain_db`` (-3 dB: s3prl loads Speech Commands through sox with
+``gain -3.0``); the test set is the official 3,081 clips.
+
+Synthetic corpus: ``ks/{train,dev,test}.jsonl`` of the generated corpus, same labels (no gain).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from speechbench.downstreams.data import DataError, Utterance, expect_path, read_manifest
+from speechbench.downstreams.data import DataError, Utterance, expect_path, read_manifest, with_gain
 from speechbench.downstreams.heads import UtteranceLevelHead
 from speechbench.downstreams.metrics import accuracy_percent
 from speechbench.downstreams.tasks import PreparedData, Task, correct_items, register_task
@@ -30,12 +41,20 @@ WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 CLASSES = WORDS + ("_unknown_", "_silence_")
 BACKGROUND = "_background_noise_"
 REAL_CORPUS = "speech_commands_v0.01"
+OFFICIAL_TEST_CLIPS = 3081  # speech_commands_test_set_v0.01
+SAMPLINGS = ("class_balanced", "uniform")
+S3PRL_GAIN_DB = -3.0
 
 
 @dataclass(frozen=True)
 class KSOptions:
     projector_dim: int = 256
-    test_root: str | None = None  # official test set; default: speech_commands_test_set_v0.01 beside the root
+    # the official test set; default: speech_commands_test_set_v0.01 beside the data root
+    test_root: str | None = field(default=None, metadata={"protocol": "neutral"})
+    # class_balanced (SUPERB) | uniform; see the module docstring
+    sampling: str = field(default="class_balanced", metadata={"protocol": "task"})
+    # applied to real-corpus audio (s3prl: sox gain -3.0)
+    gain_db: float = field(default=S3PRL_GAIN_DB, metadata={"protocol": "task"})
 
 
 def _synth_splits(corpus_dir: Path) -> dict[str, list[Utterance]]:
@@ -101,6 +120,8 @@ def prepare_real(root: Path, test_root: Path | None) -> dict[str, list[Utterance
 
 
 def prepare(data_cfg, options: KSOptions) -> PreparedData:
+    if options.sampling not in SAMPLINGS:
+        raise DataError(f"task_options.sampling must be one of {', '.join(SAMPLINGS)}, got {options.sampling!r}")
     if data_cfg.corpus == "synth":
         from speechbench.downstreams.synth.corpus import ensure_corpus
 
@@ -111,7 +132,34 @@ def prepare(data_cfg, options: KSOptions) -> PreparedData:
         raise DataError(f"KS on the real corpus needs --data-root pointing at {REAL_CORPUS}/")
     root = Path(data_cfg.root)
     test_root = Path(options.test_root) if options.test_root else None
-    return PreparedData(root, prepare_real(root, test_root), REAL_CORPUS, CLASSES, {"root": str(root)})
+    splits = {split: with_gain(utts, options.gain_db) for split, utts in prepare_real(root, test_root).items()}
+    return PreparedData(root, splits, REAL_CORPUS, CLASSES, {"root": str(root), "gain_db": options.gain_db})
+
+
+def sample_weights(utterances: Sequence[Utterance], prepared: PreparedData, options: KSOptions) -> list[float] | None:
+    """``class_balanced``: ``len(utterances) / count(class)`` per utterance (s3prl's weights); ``uniform``: None."""
+    if options.sampling != "class_balanced":
+        return None
+    counts = Counter(u.labels["keyword"] for u in utterances)
+    return [len(utterances) / counts[u.labels["keyword"]] for u in utterances]
+
+
+def protocol(prepared: PreparedData, options: KSOptions) -> tuple[dict, list[str]]:
+    """Facts: the sampling and the official test size; deviations: uniform sampling, another gain."""
+    deviations = []
+    if options.sampling != "class_balanced":
+        deviations.append("uniform sampling of training batches and dev selection on the whole dev set (SUPERB: "
+                          "class-balanced draws); shifts the head's prior towards _unknown_ and the selected step")
+    facts = {"sampling": options.sampling,
+             "dev_selection": "accuracy on a class-balanced resample of dev (with replacement, drawn from the seed and "
+                              "step at every evaluation, as s3prl's weighted dev loader)"
+             if options.sampling == "class_balanced" else "accuracy on the whole dev set"}
+    if prepared.corpus != "synth":
+        facts.update(test_official=OFFICIAL_TEST_CLIPS, gain_db=options.gain_db)
+        if options.gain_db != S3PRL_GAIN_DB:
+            deviations.append(f"audio gain {options.gain_db:g} dB (s3prl: {S3PRL_GAIN_DB:g} dB); changes the input "
+                              "level of upstreams that are not scale-invariant")
+    return facts, deviations
 
 
 def targets(utterances: Sequence[Utterance], prepared: PreparedData) -> torch.Tensor:
@@ -147,5 +195,5 @@ TASK = register_task(Task(
     options_cls=KSOptions, prepare=prepare, targets=targets, build_head=build_head, loss=loss,
     predict=make_predict(CLASSES), references=references, score=score,
     summary="keyword spotting, 12 classes (10 words, _unknown_, _silence_), accuracy",
-    real_corpus=REAL_CORPUS, item_scores=correct_items,
+    real_corpus=REAL_CORPUS, sample_weights=sample_weights, protocol=protocol, item_scores=correct_items,
 ))

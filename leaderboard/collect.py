@@ -3,6 +3,10 @@
 A file that cannot be read, is not valid JSON, has an unsupported ``schema_version`` or lacks a usable task,
 metric or value is skipped with a one-line warning naming it (logger ``leaderboard``); one bad file never stops
 the aggregation. Rows without ``selected`` are single runs, i.e. their own selection (``selected=True``).
+
+The protocol fingerprint (schema 3, ``benchmark/protocol.py``) becomes ``superb_faithful`` (True/False; None for an
+older file, which has none), ``protocol_deviations`` (the deviations joined by ``" | "``) and ``protocol_folds`` (the
+folds a task's number averages, e.g. 5 for ER).
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from speechbench.leaderboard.columns import metric_column, metric_direction
 log = logging.getLogger("leaderboard")
 
 RESULT_FILENAME = "result.json"
-SUPPORTED_SCHEMA_VERSIONS = (1, 2)  # 2: the upstream record is describe_upstream() (checkpoint_format, family, ...)
+DEVIATION_SEPARATOR = " | "
+# 2: the upstream record is describe_upstream() (checkpoint_format, family, ...); 3: the protocol fingerprint
+SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3)
 
 LONG_COLUMNS = ["upstream", "task", "metric", "column", "value", "unit", "higher_is_better", "corpus", "profile",
                 "split", "fold", "learning_rate", "seed", "selected", "recipe", "config_sha256", "best_step",
-                "wall_time_s", "timestamp", "run_id", "path", "checkpoint_sha256"]
+                "wall_time_s", "timestamp", "run_id", "path", "checkpoint_sha256", "schema_version", "superb_faithful",
+                "protocol_deviations", "protocol_folds"]
 
 
 class NoResultsError(SpeechbenchError, FileNotFoundError):
@@ -65,6 +72,14 @@ def flatten_result(result: Any, path: str | Path = "") -> dict:
     upstream = _section(result, "upstream")
     recipe = _section(result, "recipe")
     data = _section(result, "data")
+    protocol = _section(result, "protocol")
+    faithful = protocol.get("superb_faithful")
+    if version >= 3 and not isinstance(faithful, bool):
+        raise BadResultError(f"protocol.superb_faithful {faithful!r} is not true or false")
+    deviations = protocol.get("deviations") or []
+    if not isinstance(deviations, list) or not all(isinstance(d, str) for d in deviations):
+        raise BadResultError("protocol.deviations is not a list of strings")
+    folds = protocol.get("folds")
     name = upstream.get("name")
     task, metric = result.get("task"), result.get("metric")
     for field, value in (("upstream name", name), ("task", task), ("metric", metric)):
@@ -96,7 +111,9 @@ def flatten_result(result: Any, path: str | Path = "") -> dict:
         "recipe": recipe.get("name"), "config_sha256": recipe.get("config_sha256"),
         "best_step": result.get("best_step"), "wall_time_s": result.get("wall_time_s"),
         "timestamp": result.get("timestamp"), "run_id": result.get("run_id"), "path": str(path),
-        "checkpoint_sha256": upstream.get("checkpoint_sha256"),
+        "checkpoint_sha256": upstream.get("checkpoint_sha256"), "schema_version": version,
+        "superb_faithful": faithful, "protocol_deviations": DEVIATION_SEPARATOR.join(deviations),
+        "protocol_folds": folds if isinstance(folds, int) and not isinstance(folds, bool) else None,
     }
 
 
@@ -122,8 +139,9 @@ def _section(result: dict, key: str) -> dict:
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
-    for col in ("fold", "seed", "best_step"):
+    for col in ("fold", "seed", "best_step", "protocol_folds"):
         df[col] = pd.array(df[col].tolist(), dtype="Int64")
+    df["superb_faithful"] = pd.array(df["superb_faithful"].tolist(), dtype="boolean")
     for col in ("learning_rate", "wall_time_s"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
     return df

@@ -2,7 +2,8 @@
 
 A reference set is one CSV in ``leaderboard/reference/`` (one row per upstream, one column per task metric named
 like the wide table's, e.g. ``KS_acc``; other columns such as ``params_m``, ``checked`` and ``source`` are kept but not
-scored). ``checked`` says whether a row's values were confirmed against the publication named in ``source``.
+scored). The optional ``checked`` column (yes/no, true/false per row) says whether the row's values were confirmed
+against the publication named in ``source``; the printed leaderboard lists the rows that were not.
 ``reference/sets.csv`` is the index of sets: ``name``, ``date``, ``file``, ``baseline`` (the row that scores 0,
 FBANK in SUPERB), ``description``, ``source``. Adding a set means adding a CSV and one index row, no code.
 """
@@ -41,6 +42,13 @@ class ReferenceSet:
     def baseline_values(self) -> pd.Series:
         """The baseline row (FBANK): the score-0 anchor per metric column."""
         return self.table.loc[self.baseline, self.metric_columns].astype(float)
+
+    def unchecked_rows(self) -> list[str]:
+        """The rows whose ``checked`` column is not true ([] without such a column)."""
+        if "checked" not in self.table.columns:
+            return []
+        checked = self.table["checked"].astype(str).str.strip().str.lower().isin(("true", "yes", "1"))
+        return [str(name) for name in self.table.index[~checked]]
 
     def best_values(self) -> pd.Series:
         """SOTA per metric column: the best value over all rows, honouring each metric's direction."""

@@ -20,9 +20,12 @@ Aggregation rules (in this order):
 
 Columns are named ``PR_per``, ``KS_acc``, ``IC_acc``, ``SID_acc``, ``ER_acc``, ``ASR_wer``, ``ASV_eer`` (the
 reference CSV's names) and ``<task>_<metric>`` for any other task. ``SUPERB_score`` (with ``SUPERB_reference``, the
-reference set's name) is filled only for ``corpus="real"`` rows that have every metric of the reference set:
+reference set's name) is filled only for ``corpus="real"`` rows that have every metric of the reference set, each
+from results whose protocol fingerprint matches SUPERB's (``superb_faithful``; for a task with folds, every fold):
 ``1000 * mean over tasks of (score - baseline) / (sota - baseline)``, baseline = the reference's FBANK row and SOTA
 = the reference's best row per task (lower-is-better metrics need no special case: both differences flip sign).
+A real-corpus row without a score says why in ``SUPERB_excluded`` (per metric: missing, the first protocol deviation,
+no fingerprint in an older result, or too few folds); the printed table gives the same reasons as footer lines.
 
 Units and directions (the CSV convention): the wide CSV is one header row of the column names above and one line per
 row, so a plain ``pd.read_csv(path)`` reads it. Units live in a sidecar, ``<stem>.units.json`` (:func:`units_path`):
@@ -40,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from speechbench.leaderboard.collect import DEVIATION_SEPARATOR
 from speechbench.leaderboard.columns import column_direction, column_order
 from speechbench.leaderboard.references import DEFAULT_REFERENCE, ReferenceSet, load_reference
 
@@ -50,6 +54,9 @@ REAL = "real"
 KEY_COLUMNS = ["upstream", "corpus", "profile"]
 SYNTH_FOOTER = "synth = synthetic smoke-benchmark corpus, not SUPERB numbers"
 REAL_FOOTER = "real = each task's public corpus (per-task corpus names in the long CSV)"
+EXCLUDED = "SUPERB_excluded"
+PROTOCOL_FOOTER = ("SUPERB_score counts only results whose protocol fingerprint matches SUPERB's protocol "
+                   "(superb_faithful in result.json)")
 
 
 def corpus_group(corpus: object) -> str:
@@ -106,9 +113,12 @@ def wide_table(long_df: pd.DataFrame, reference: str | ReferenceSet | None = DEF
     out.columns.name = None
     if reference is not None:
         ref = load_reference(reference) if isinstance(reference, str) else reference
-        out["SUPERB_score"] = superb_scores(out, ref)
+        exclusions = superb_exclusions(rows, out, ref)
+        out["SUPERB_score"] = superb_scores(out, ref).where(exclusions == "")
         out["SUPERB_reference"] = np.where(out["SUPERB_score"].notna(), ref.name, "")
+        out[EXCLUDED] = exclusions
         units["SUPERB_score"] = "higher"
+        out.attrs["unchecked_reference_rows"] = ref.unchecked_rows()
     out["_order"] = out["corpus"].map({REAL: 0, SYNTH: 1}).fillna(2)
     out = out.sort_values(["_order", "upstream", "profile"], kind="stable").drop(columns="_order")
     out = out.reset_index(drop=True)
@@ -125,6 +135,44 @@ def superb_scores(wide: pd.DataFrame, reference: ReferenceSet) -> pd.Series:
     normalised = (wide[columns].astype(float) - base) / (best - base)
     complete = wide[columns].notna().all(axis=1) & (wide["corpus"] == REAL)
     return (1000 * normalised.mean(axis=1)).where(complete)
+
+
+def superb_exclusions(rows: pd.DataFrame, wide: pd.DataFrame, reference: ReferenceSet) -> pd.Series:
+    """Why each real-corpus wide row gets no SUPERB score ("" when it gets one, and for other corpora):
+    ``"<column>: <reason>"`` per reference metric, joined by ``"; "``.
+
+    ``rows``: the counted long rows with the wide table's key columns (``corpus`` already ``real``/``synth``).
+    """
+    reasons = pd.Series("", index=wide.index, dtype=object)
+    for i in wide.index[wide["corpus"] == REAL]:
+        key = (rows["upstream"] == wide.at[i, "upstream"]) & (rows["corpus"] == REAL)
+        parts = []
+        for col in reference.metric_columns:
+            cell = rows[key & (rows["column"] == col)]
+            reason = "no result" if cell.empty else _protocol_reason(cell, wide.get(f"{col}_folds", {}).get(i))
+            if reason:
+                parts.append(f"{col}: {reason}")
+        reasons[i] = "; ".join(parts)
+    return reasons
+
+
+def _protocol_reason(cell: pd.DataFrame, folds_done) -> str:
+    """"" when every result of a wide cell matches SUPERB's protocol (and covers every fold), else why not."""
+    bad = cell[~cell["superb_faithful"].fillna(False).astype(bool)]
+    if not bad.empty:
+        first = bad.iloc[0]
+        if pd.isna(first["superb_faithful"]):
+            return f"no protocol fingerprint (result schema {first['schema_version']})"
+        deviations = [d for d in str(first["protocol_deviations"] or "").split(DEVIATION_SEPARATOR) if d]
+        if not deviations:
+            return f"recipe {first['recipe']} does not reproduce SUPERB's protocol"
+        return deviations[0] + (f" (+{len(deviations) - 1} more)" if len(deviations) > 1 else "")
+    expected = cell["protocol_folds"].max()
+    if pd.notna(expected) and (folds_done is None or pd.isna(folds_done) or int(folds_done) < int(expected)):
+        done = 0 if folds_done is None or pd.isna(folds_done) else int(folds_done)
+        return f"{done} of {int(expected)} folds"
+    return ""
+
 
 
 def units_of(wide: pd.DataFrame) -> dict[str, str]:
@@ -152,7 +200,7 @@ def units_to_json(wide: pd.DataFrame) -> str:
 def read_wide_csv(path: str | Path) -> pd.DataFrame:
     """Read a wide CSV written by :func:`wide_to_csv`, with its sidecar's units (if present) in ``attrs["units"]``."""
     head = pd.read_csv(path, nrows=0)
-    text_columns = {c: str for c in KEY_COLUMNS + ["SUPERB_reference", "cost_device"] if c in head.columns}
+    text_columns = {c: str for c in KEY_COLUMNS + ["SUPERB_reference", "cost_device", EXCLUDED] if c in head.columns}
     wide = pd.read_csv(path, dtype=text_columns, keep_default_na=False, na_values=[""])
     for col in text_columns:
         wide[col] = wide[col].fillna("")
@@ -166,7 +214,8 @@ def format_table(wide: pd.DataFrame) -> str:
     (``<col>_lo``, ``<col>_hi``) are shown inside their metric's cell as ``value [lo, hi]``."""
     if wide.empty:
         return "(empty leaderboard: no selected results on the reported split)"
-    hidden = {"SUPERB_reference", "cost_device"} | {f"{c}{s}" for c in wide.columns for s in INTERVAL_SUFFIXES}
+    hidden = {"SUPERB_reference", "cost_device", EXCLUDED}
+    hidden |= {f"{c}{s}" for c in wide.columns for s in INTERVAL_SUFFIXES}
     shown = [c for c in wide.columns if c in ("upstream", "corpus")
              or (c not in hidden and wide[c].replace("", np.nan).notna().any())]
     units = _units_of(wide)
@@ -195,6 +244,13 @@ def format_table(wide: pd.DataFrame) -> str:
                      f"(see the warnings)")
     if "cost_device" in wide.columns and (devices := sorted(set(wide["cost_device"]) - {""})):
         lines.append(f"cost (params_m, gflops_per_audio_s, rtf) measured on: {'; '.join(devices)}")
+    if EXCLUDED in wide.columns and wide[EXCLUDED].fillna("").astype(bool).any():
+        lines.append(PROTOCOL_FOOTER + f"; real-corpus rows left out ({EXCLUDED} in the CSV):")
+        lines += [f"  {row.upstream}: {getattr(row, EXCLUDED)}" for row in wide.itertuples(index=False)
+                  if getattr(row, EXCLUDED)]
+    unchecked = wide.attrs.get("unchecked_reference_rows")
+    if unchecked:
+        lines.append(f"reference values not yet checked against their source: {', '.join(unchecked)}")
     return "\n".join(lines)
 
 

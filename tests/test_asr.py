@@ -12,7 +12,7 @@ import torch
 from speechbench.benchmark.config import OptimConfig, RunConfig, TrainConfig
 from speechbench.benchmark.run import RunRequest, run
 from speechbench.benchmark.train import DownstreamModel, train
-from speechbench.downstreams.asr import ASROptions, BiLSTMCTCHead, SpecAugment, prepare
+from speechbench.downstreams.asr import ASROptions, BiLSTMCTCHead, SpecAugment, prepare, time_warp
 from speechbench.downstreams.data import DataError
 from speechbench.downstreams.featurizer import WeightedLayerSum
 from speechbench.downstreams.tasks import get_task
@@ -122,6 +122,38 @@ def test_specaugment_masks_only_in_training_and_follows_the_torch_seed():
         assert not masked_frames[i, n:].any() or n == 20
 
 
+def test_time_warp_moves_one_centre_frame_within_the_window():
+    window, t = 5, 40
+    ramp = torch.arange(t, dtype=torch.float32)[:, None].expand(t, 3)  # frame k holds the value k
+    warped_any = False
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out = time_warp(ramp, window)
+        assert out.shape == ramp.shape
+        # a warp resamples [0, c) onto [0, w) and [c, t) onto [w, t): values stay in order, ends in place, and no
+        # frame moves by more than the window
+        assert torch.all(out[1:, 0] >= out[:-1, 0] - 0.2) and abs(out[0, 0]) < 0.6 and abs(out[-1, 0] - (t - 1)) < 0.6
+        assert (out[:, 0] - ramp[:, 0]).abs().max() <= window + 1
+        warped_any |= not torch.allclose(out, ramp)
+    assert warped_any
+    const = torch.full((t, 3), 2.5)
+    torch.testing.assert_close(time_warp(const, window), const)  # cubic interpolation keeps a constant
+    short = torch.randn(10, 3)
+    assert torch.equal(time_warp(short, window), short) and torch.equal(time_warp(ramp, 0), ramp)
+
+
+def test_specaugment_time_warp_stays_inside_each_utterance():
+    aug = SpecAugment(freq_masks=0, freq_width=0, time_masks=0, time_width=0, time_warp=5).train()
+    x, lengths = torch.randn(3, 30, 4), torch.tensor([30, 22, 8])
+    x[1, 22:] = 7.0
+    x[2, 8:] = 7.0
+    torch.manual_seed(0)
+    out = aug(x, lengths)
+    assert torch.equal(out[1, 22:], x[1, 22:]) and torch.equal(out[2], x[2])  # padding untouched; 8 <= 2 * 5
+    assert not torch.equal(out[0], x[0])
+    assert torch.equal(aug.eval()(x, lengths), x)
+
+
 class _Frames:
     """An in-memory frame source: ``get(indices) -> ([B, 1, T, D], lengths [B])``."""
 
@@ -158,7 +190,7 @@ def test_training_with_specaugment_resumes_exactly(tmp_path):
                 raise KeyboardInterrupt
 
         state = train(model, task, cfg, _Frames(feats), targets, [0.3] * 12, _Frames(feats[:4]), refs, ckpt_dir,
-                      frame_batches=True, on_checkpoint=hook)
+                      length_buckets=True, on_checkpoint=hook)
         return model, state
 
     full, _ = fit(tmp_path / "full")
@@ -175,6 +207,7 @@ def test_short_run_on_the_librispeech_layout(tmp_path, monkeypatch):
     (result,) = run(RunRequest(upstream="fbank_no_cmvn", task="asr", data_root=str(root), overrides=SMALL_ASR,
                                out_dir=str(tmp_path / "out")))
     assert result["recipe"]["name"] == "superb/asr" and result["data"]["corpus"] == "LibriSpeech"
+    assert result["protocol"]["time_warp_window"] == 5 and result["protocol"]["test_official"] == 2620
     assert (result["metric"], result["unit"], result["higher_is_better"]) == ("wer", "%", False)
     assert result["value"] >= 0.0 and "cer" in result["extra_metrics"] and result["steps"] == 4
     run_dir = next((tmp_path / "out" / "fbank_no_cmvn" / "asr").iterdir())

@@ -11,8 +11,10 @@ import torch
 
 from speechbench.benchmark.config import RunConfig
 from speechbench.benchmark.run import RunRequest, run
+from speechbench.benchmark.train import BatchSchedule, batches_by_length
 from speechbench.downstreams.asv import (
     SELECTION_RULE,
+    SUPERB_TEST_RULE,
     ASVData,
     ASVOptions,
     XVectorHead,
@@ -22,9 +24,10 @@ from speechbench.downstreams.asv import (
     prepare_real,
     references,
     score,
+    stats_pool,
 )
 from speechbench.downstreams.data import DataError, Utterance
-from speechbench.downstreams.tasks import PreparedData
+from speechbench.downstreams.tasks import PreparedData, get_task
 
 DEV_SPEAKERS = [f"id100{k:02d}" for k in range(1, 9)]
 TEST_SPEAKERS = ["id10270", "id10271"]
@@ -163,6 +166,15 @@ def test_short_run_on_the_voxceleb1_layout(tmp_path, monkeypatch):
     run_dir = next((tmp_path / "out" / "fbank_no_cmvn" / "asv").iterdir())
     lines = (run_dir / "scores.txt").read_text().splitlines()
     assert len(lines) == 4 and lines[0].startswith("1 id10270/aaaaaaaaaaa/00001 id10270/bbbbbbbbbbb/00002 ")
+    protocol = result["protocol"]
+    assert protocol["checkpoint_selection"] == "dev_trials" and protocol["trials"] == 4 and protocol["eval_every"] == 2
+    assert "scored 4 of the 37720 official test items" in protocol["deviations"]
+    (superb,) = run(RunRequest(upstream="fbank_no_cmvn", task="asv", data_root=str(root), out_dir=str(tmp_path / "out"),
+                               overrides=SMALL_ASV + ("task_options.checkpoint_selection=superb_test",)))
+    assert superb["value"] == superb["extra_metrics"]["dev_eer"]  # the reported EER is the best test EER
+    assert superb["extra_metrics"]["checkpoint_selection"] == SUPERB_TEST_RULE
+    assert superb["protocol"]["checkpoint_selection"] == "superb_test"
+    assert not any(d.startswith("checkpoint chosen") for d in superb["protocol"]["deviations"])
 
 
 def test_short_run_on_the_synthetic_corpus_crops_and_scores_dev_trials(tmp_path, synth_tiny):
@@ -171,3 +183,55 @@ def test_short_run_on_the_synthetic_corpus_crops_and_scores_dev_trials(tmp_path,
     assert result["data"]["corpus"] == "synth" and "1.5 s training crops" in result["features"]
     assert result["extra_metrics"]["trials"] == sum(1 for _ in open(synth_tiny / "asv" / "test_trials.txt"))
     assert result["extra_metrics"]["dev_eer"] is not None and 0.0 <= result["value"] <= 100.0
+
+
+def test_superb_test_selection_trains_on_every_speaker_and_selects_on_the_test_trials(tmp_path):
+    root = make_voxceleb1(tmp_path)
+    data = dataclasses.replace(RunConfig(task="asv").data, corpus="real", root=str(root))
+    prepared = prepare(data, _options(checkpoint_selection="superb_test"))
+    assert {u.speaker for u in prepared.splits["train"]} == set(DEV_SPEAKERS)  # nobody held out
+    assert [u.id for u in prepared.splits["dev"]] == [u.id for u in prepared.splits["test"]]
+    assert {u.split for u in prepared.splits["dev"]} == {"dev"}
+    assert prepared.label_space.trials["dev"] == prepared.label_space.trials["test"]
+    assert prepared.label_space.selection_rule == SUPERB_TEST_RULE == prepared.info["checkpoint_selection"]
+    assert len(references(prepared.splits["dev"], prepared)) == 4
+    facts, deviations = get_task("asv").protocol(prepared, _options(checkpoint_selection="superb_test"))
+    assert facts["checkpoint_selection"] == "superb_test" and facts["trials"] == 4 and facts["test_official"] == 37720
+    assert facts["train_speakers"] == len(set(DEV_SPEAKERS)) and deviations == []
+    held_out = prepare(data, _options())
+    _, deviations = get_task("asv").protocol(held_out, _options())
+    assert len(deviations) == 1 and deviations[0].startswith("checkpoint chosen on dev trials of 2 held-out")
+    assert all(u.labels["gain_db"] == -3.0 for u in prepared.splits["train"])  # s3prl's sox gain
+
+
+def test_training_batches_mix_speakers_and_change_between_epochs():
+    """VoxCeleb lists a speaker's utterances together and the 8 s crop makes most durations equal; length buckets
+    once kept those together, the same batch every epoch. ASV now draws random batches every epoch, as s3prl."""
+    assert not batches_by_length(get_task("asv")) and batches_by_length(get_task("asr"))
+    speakers = [s for s in range(40) for _ in range(20)]  # 40 speakers x 20 utterances, in speaker order
+    schedule = BatchSchedule([8.0] * len(speakers), batch_size=10, seed=0, max_batch_s=None)
+    epochs = [schedule.epoch_batches(e) for e in range(3)]
+    mean_speakers = np.mean([len({speakers[i] for i in b}) for b in epochs[0]])
+    assert mean_speakers > 8.5  # s3prl's random batches of 10: about 9 distinct speakers (8.9 for 40 x 20)
+    assert sorted(i for b in epochs[0] for i in b) == list(range(len(speakers)))
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_default_initialisation_is_pytorchs_and_he_is_an_option():
+    options = ASVOptions(input_dim=12, agg_dim=20, embedding_dim=6)
+    torch.manual_seed(0)
+    head = XVectorHead(5, 3, options)
+    torch.manual_seed(0)
+    torch.nn.Linear(5, 12)  # the connector is built first
+    first = torch.nn.Conv1d(12, 12, 5)
+    assert torch.equal(head.tdnn[0].conv.weight, first.weight) and torch.equal(head.tdnn[0].conv.bias, first.bias)
+    he = XVectorHead(5, 3, dataclasses.replace(options, init="he"))
+    assert all(torch.count_nonzero(layer.conv.bias) == 0 for layer in he.tdnn)
+    assert torch.count_nonzero(he.segment6.bias) == 0 and torch.count_nonzero(head.segment6.bias) > 0
+
+
+def test_stats_pool_uses_the_unbiased_std_of_the_valid_frames():
+    x = torch.randn(2, 3, 10)
+    pooled = stats_pool(x, torch.tensor([10, 6]))
+    torch.testing.assert_close(pooled[1, 3:], (x[1, :, :6].var(dim=-1) + 1e-6).sqrt())
+    torch.testing.assert_close(pooled[0, :3], x[0].mean(dim=-1))

@@ -19,7 +19,7 @@ from speechbench.downstreams.data import read_manifest
 TINY = ["data.profile=tiny", "train.max_steps=40", "train.eval_every=20", "optim.lr=1e-2"]
 RESULT_FIELDS = {"schema_version", "upstream", "task", "recipe", "data", "split", "fold", "metric", "value", "unit",
                  "higher_is_better", "learning_rate", "seed", "selected", "layer_weights", "best_step",
-                 "wall_time_s", "git_sha", "timestamp", "run_id", "features", "items", "cost"}
+                 "wall_time_s", "git_sha", "timestamp", "run_id", "features", "items", "cost", "protocol"}
 
 
 def _results(out: Path, upstream: str) -> list[dict]:
@@ -55,18 +55,20 @@ def test_run_writes_result_and_resolved_config(tmp_path, synth_tiny, capsys):
     assert "already done" in capsys.readouterr().err and len(_results(tmp_path, "fbank_no_cmvn")) == 1
 
 
-def test_fbank_scores_the_majority_class_rate_and_leaderboard_holds_both(tmp_path, synth_tiny, capsys):
+def _predictions(out: Path, upstream: str) -> set[str]:
+    run_dir = next((out / upstream / "ks").iterdir())
+    return {line.split("\t")[1] for line in (run_dir / "predictions.tsv").read_text().splitlines()}
+
+
+def test_fbank_scores_one_class_test_share_and_leaderboard_holds_both(tmp_path, synth_tiny, capsys):
     for upstream in ("fbank", "fbank_no_cmvn"):
         assert main(["run", "--upstream", upstream, "--task", "ks", "--out", str(tmp_path), *TINY]) == 0
     (fbank,) = _results(tmp_path, "fbank")
+    assert fbank["protocol"]["sampling"] == "class_balanced"  # the synth recipe samples as SUPERB does
     train = [u.labels["keyword"] for u in read_manifest(synth_tiny / "ks" / "train.jsonl")]
     test = [u.labels["keyword"] for u in read_manifest(synth_tiny / "ks" / "test.jsonl")]
-    (majority, _), (_, runner_up) = Counter(train).most_common(2)
-    assert Counter(train)[majority] > runner_up  # a strict majority, so the floor is well defined
-    predictions = {line.split("\t")[1] for line in
-                   (next((tmp_path / "fbank" / "ks").iterdir()) / "predictions.tsv").read_text().splitlines()}
-    assert predictions == {majority}  # every clip gets the same pooled input, so the same prediction
-    assert fbank["value"] == pytest.approx(100.0 * test.count(majority) / len(test))
+    (predicted,) = _predictions(tmp_path, "fbank")  # every clip gets the same pooled input, so the same prediction
+    assert fbank["value"] == pytest.approx(100.0 * test.count(predicted) / len(test))
     assert main(["leaderboard", str(tmp_path), "--out", str(tmp_path / "lb.csv")]) == 0
     text = capsys.readouterr().out
     assert "fbank_no_cmvn" in text and "synth" in text
@@ -77,6 +79,16 @@ def test_fbank_scores_the_majority_class_rate_and_leaderboard_holds_both(tmp_pat
     assert row["KS_acc_lo"] <= row["KS_acc"] <= row["KS_acc_hi"]  # bootstrap interval from items.jsonl
     assert row["params_m"] == 0.0 and row["gflops_per_audio_s"] > 0
     assert len(pd.read_csv(tmp_path / "lb.long.csv")) == 2
+    # with uniform sampling the one prediction is the training set's majority class
+    (majority, _), (_, runner_up) = Counter(train).most_common(2)
+    assert Counter(train)[majority] > runner_up  # a strict majority, so the floor is well defined
+    uniform = tmp_path / "uniform"
+    assert main(["run", "--upstream", "fbank", "--task", "ks", "--out", str(uniform), *TINY,
+                 "task_options.sampling=uniform"]) == 0
+    assert _predictions(uniform, "fbank") == {majority}
+    (result,) = _results(uniform, "fbank")
+    assert result["value"] == pytest.approx(100.0 * test.count(majority) / len(test))
+    assert any(d.startswith("uniform sampling") for d in result["protocol"]["deviations"])
 
 
 def test_learning_rate_search_selects_best_on_dev(tmp_path, synth_tiny):

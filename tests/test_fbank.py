@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import scipy.fft
 import torch
 from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 
@@ -86,19 +85,78 @@ def test_log_mel_matches_transformers_reference(num_samples):
     assert np.median(diff) < 1e-5
 
 
-def test_mfcc_matches_independent_dct_of_reference_log_mel(upstreams):
-    wav = synthetic_wave(16000 + 555, seed=3)
-    log_mel = reference_log_mel(wav, 23)
-    ceps = scipy.fft.dct(log_mel, type=2, norm="ortho", axis=-1)[:, :13]
-    ceps *= 1 + 11 * np.sin(np.pi * np.arange(13) / 22)
-    frames = np.lib.stride_tricks.sliding_window_view(wav.astype(np.float64), 400)[::160]
+def kaldi_reference(wav: np.ndarray, kind: str, num_mel_bins: int, cmvn: bool, num_ceps: int = 13) -> np.ndarray:
+    """torchaudio.compliance.kaldi's fbank/mfcc formulas with their defaults (dither 0, povey window, snip_edges,
+    pre-emphasis 0.97, DC removal, n_fft 512, low_freq 20, log floor float eps, mfcc use_energy=False, lifter 22),
+    then s3prl's baseline ComputeDeltas(win_length=5) twice and CMVN ``(x - mean) / (1e-10 + std)`` with the
+    unbiased std, written out independently of the code under test in float64 numpy, loops where that is clearer.
+    Returns ``[T, 3 * (num_mel_bins or num_ceps)]``."""
+    x = wav.astype(np.float64)
+    frames = np.stack([x[t * 160: t * 160 + 400] for t in range(1 + (len(x) - 400) // 160)])
     frames = frames - frames.mean(axis=1, keepdims=True)
-    ceps[:, 0] = np.log(np.maximum((frames**2).sum(axis=1), EPS))  # Kaldi use_energy=True, raw energy
-    up = upstreams["mfcc"]
-    with torch.inference_mode():
-        static, counts = up.features(torch.from_numpy(wav)[None], torch.tensor([len(wav)]))
-    assert int(counts[0]) == len(ceps)
-    np.testing.assert_allclose(static[0].double().numpy(), ceps, atol=5e-3, rtol=0)
+    frames = frames - 0.97 * np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
+    window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 399)) ** 0.85
+    power = np.abs(np.fft.rfft(frames * window, n=512)) ** 2  # [T, 257]
+
+    def mel(f):
+        return 1127.0 * np.log(1.0 + f / 700.0)
+
+    low, high = mel(20.0), mel(SR / 2)
+    step = (high - low) / (num_mel_bins + 1)
+    fft_mel = mel(np.arange(256) * SR / 512)
+    banks = np.zeros((num_mel_bins, 257))  # the Nyquist bin gets no weight
+    for m in range(num_mel_bins):
+        left, centre, right = low + m * step, low + (m + 1) * step, low + (m + 2) * step
+        for k in range(256):
+            banks[m, k] = max(0.0, min((fft_mel[k] - left) / (centre - left), (right - fft_mel[k]) / (right - centre)))
+    feats = np.log(np.maximum(power @ banks.T, EPS))
+    if kind == "mfcc":
+        dct = np.array([[np.cos(np.pi / num_mel_bins * (j + 0.5) * k) * np.sqrt(2 / num_mel_bins)
+                         for j in range(num_mel_bins)] for k in range(num_ceps)])
+        dct[0] = np.sqrt(1 / num_mel_bins)  # c0: the plain (scaled) sum of the log-mel energies
+        feats = (feats @ dct.T) * (1 + 11 * np.sin(np.pi * np.arange(num_ceps) / 22))
+
+    def deltas(a):
+        padded = np.concatenate([a[:1], a[:1], a, a[-1:], a[-1:]])
+        return np.stack([(padded[t + 3] - padded[t + 1] + 2 * (padded[t + 4] - padded[t])) / 10
+                         for t in range(len(a))])
+
+    d1 = deltas(feats)
+    out = np.concatenate([feats, d1, deltas(d1)], axis=1)
+    return (out - out.mean(axis=0)) / (1e-10 + out.std(axis=0, ddof=1)) if cmvn else out
+
+
+def speech_like_wave(num_samples: int) -> np.ndarray:
+    """The chirp under noise strong enough that no mel bin sits 60+ dB below its frame's peak: float32 FFT
+    round-off then stays far below 1e-4 of scale, so the comparison checks the formulas, not the arithmetic."""
+    noise = 0.3 * np.random.default_rng(5).standard_normal(num_samples)
+    return (synthetic_wave(num_samples, seed=1) + noise).astype(np.float32)
+
+
+@pytest.mark.parametrize("name,kind,bins,cmvn", [("fbank", "fbank", 80, True), ("fbank_no_cmvn", "fbank", 80, False),
+                                                 ("mfcc", "mfcc", 23, True)])
+@pytest.mark.parametrize("num_samples", [11200, 16000 + 123, 3 * 16000 + 7])  # 11200: the 0.7 s clip of issue 13
+def test_features_match_an_independent_kaldi_reimplementation(upstreams, name, kind, bins, cmvn, num_samples):
+    """Within 1e-4 of scale on every valid frame (mfcc: c0 is the cepstral c0, not the log energy)."""
+    wav = speech_like_wave(num_samples)
+    ref = kaldi_reference(wav, kind, bins, cmvn)
+    hidden, lengths = run(upstreams[name], [wav])
+    ours = hidden[0, 0].double().numpy()
+    assert ours.shape == ref.shape and int(lengths[0]) == len(ref)
+    assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_reference_tells_the_old_mfcc_c0_and_cmvn_apart():
+    """The comparison above is sharp enough to see both fixes: Kaldi-binary c0 (log energy) and population std."""
+    wav = speech_like_wave(11200)
+    ref = kaldi_reference(wav, "mfcc", 23, cmvn=False)
+    frames = np.stack([wav[t * 160: t * 160 + 400].astype(np.float64) for t in range(len(ref))])
+    log_energy = np.log(((frames - frames.mean(axis=1, keepdims=True)) ** 2).sum(axis=1))
+    assert np.abs(ref[:, 0] - log_energy).max() > 1.0
+    fb = kaldi_reference(wav, "fbank", 80, cmvn=False)
+    unbiased = (fb - fb.mean(0)) / fb.std(0, ddof=1)
+    population = (fb - fb.mean(0)) / fb.std(0)
+    assert np.abs(unbiased - population).max() > 50 * 1e-4 * np.abs(unbiased).max()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -122,7 +180,7 @@ def test_declared_attributes_and_shapes(upstreams, name):
 def test_summaries_explain_the_fbank_floor():
     for name in ["fbank", "mfcc"]:
         summary = get_upstream_entry(name).summary
-        assert "CMVN" in summary and "majority-class" in summary and "fbank_no_cmvn" in summary
+        assert "CMVN" in summary and "one class's share" in summary and "fbank_no_cmvn" in summary
         assert len(summary.strip().splitlines()) <= 3
     assert "8.63" in get_upstream_entry("fbank").summary
 
@@ -131,7 +189,7 @@ def test_summaries_explain_the_fbank_floor():
 def test_cmvn_statistics(upstreams, name):
     hidden, lengths = run(upstreams[name], [synthetic_wave(2 * 16000, seed=1)])
     x = hidden[0, 0, : int(lengths[0])]
-    mean, std = x.mean(dim=0), x.std(dim=0, unbiased=False)
+    mean, std = x.mean(dim=0), x.std(dim=0)  # unbiased, as s3prl's CMVN
     if name == "fbank_no_cmvn":
         assert mean[:80].abs().max() > 1.0 and (std - 1).abs().max() > 0.1
     else:
@@ -208,12 +266,13 @@ def test_masked_cmvn_ignores_padding():
     y = masked_cmvn(x, torch.tensor([10, 6]))
     torch.testing.assert_close(y[1, :6], masked_cmvn(x[1:, :6], torch.tensor([6]))[0])
     assert torch.all(y[1, 6:] == 0)
-    const = masked_cmvn(torch.ones(1, 5, 3), torch.tensor([5]))  # zero variance: floored std, output 0, no NaN
+    const = masked_cmvn(torch.full((1, 5, 3), 0.1), torch.tensor([5]))  # zero variance (up to round-off): 0, no NaN
     assert torch.all(const == 0)
+    assert torch.all(masked_cmvn(torch.randn(1, 1, 3), torch.tensor([1])) == 0)  # one frame: no NaN either
 
 
 def test_fbank_pooled_input_is_identical_for_every_clip(upstreams):
-    """Why FBANK scores the majority-class rate: per-clip masked time-means are all zero after CMVN."""
+    """Why FBANK scores one class's test share: per-clip masked time-means are all zero after CMVN."""
     wavs = [synthetic_wave(n, seed=i) for i, n in enumerate([16000, 12000, 7000, 16000])]
     wavs[3] = 0.01 * wavs[3][::-1].copy()  # very different loudness and content
 

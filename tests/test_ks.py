@@ -1,11 +1,15 @@
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import write_noise_wav
 
-from speechbench.downstreams.data import DataError
-from speechbench.downstreams.ks import CLASSES, WORDS, prepare_real
+from speechbench.benchmark.config import RunConfig
+from speechbench.downstreams.data import DataError, load_utterance_audio
+from speechbench.downstreams.ks import CLASSES, WORDS, KSOptions, prepare, prepare_real
+from speechbench.downstreams.tasks import get_task
 
 EXTRA_WORDS = ("bed", "cat")
 
@@ -58,3 +62,29 @@ def test_wrong_layout_errors_name_what_was_expected(tmp_path):
         prepare_real(root, None)
     with pytest.raises(DataError, match="expected the corpus folder"):
         prepare_real(tmp_path / "missing", None)
+
+
+def test_real_corpus_gain_class_balanced_weights_and_protocol_facts(tmp_path):
+    root, _ = make_speech_commands(tmp_path)
+    data = dataclasses.replace(RunConfig(task="ks").data, corpus="real", root=str(root))
+    prepared = prepare(data, KSOptions())
+    train = prepared.splits["train"]
+    assert all(u.labels["gain_db"] == -3.0 for s in prepared.splits.values() for u in s)
+    quiet = load_utterance_audio(train[0], prepared.audio_root)
+    plain = load_utterance_audio(dataclasses.replace(train[0], labels={**train[0].labels, "gain_db": 0.0}),
+                                 prepared.audio_root)
+    np.testing.assert_allclose(quiet, plain * 10 ** (-3 / 20), rtol=1e-6)  # s3prl's sox "gain -3.0"
+    task = get_task("ks")
+    weights = task.sample_weights(train, prepared, KSOptions())
+    mass = Counter()
+    for u, w in zip(train, weights, strict=True):
+        mass[u.labels["keyword"]] += w
+    assert len(mass) == 12 and max(mass.values()) == pytest.approx(min(mass.values()))  # each class 1/12
+    assert task.sample_weights(train, prepared, KSOptions(sampling="uniform")) is None
+    facts, deviations = task.protocol(prepared, KSOptions())
+    assert facts["sampling"] == "class_balanced" and facts["dev_selection"].startswith("accuracy on a class-balanced")
+    assert (facts["test_official"], facts["gain_db"], deviations) == (3081, -3.0, [])
+    _, deviations = task.protocol(prepared, KSOptions(sampling="uniform"))
+    assert len(deviations) == 1 and deviations[0].startswith("uniform sampling")
+    with pytest.raises(DataError, match="task_options.sampling must be one of class_balanced, uniform"):
+        prepare(data, KSOptions(sampling="balanced"))

@@ -30,10 +30,15 @@ COLUMNS = {"pr": "PR_per", "ks": "KS_acc", "ic": "IC_acc", "sid": "SID_acc", "er
 def write_result(root: Path, name: str, *, upstream: str = "hubert", task: str = "ks", value: float = 50.0,
                  corpus: str = "synth", profile: str | None = "small", fold: int | None = None, seed: int = 0,
                  lr: float = 1e-3, selected: bool = True, timestamp: str = "2026-11-22T04:00:00+00:00",
-                 **extra) -> Path:
+                 deviations: tuple[str, ...] | None = None, **extra) -> Path:
+    """A result.json; its protocol fingerprint is SUPERB-faithful on a real corpus unless ``deviations`` are given."""
     metric, higher = METRICS.get(task, ("accuracy", True))
+    if deviations is None:
+        deviations = ("synthetic corpus",) if corpus == "synth" else ()
     result = {
-        "schema_version": 1,
+        "schema_version": 3,
+        "protocol": {"recipe": f"superb/{task}", "reproduces": "superb", "superb_faithful": not deviations,
+                     "deviations": list(deviations), "folds": 5 if fold is not None else None},
         "upstream": {"name": upstream, "checkpoint_sha256": None, "format": "builtin", "num_layers": 13,
                      "hidden_size": 768, "versions": {"speechbench": "0.1.0"}},
         "task": task, "recipe": {"name": f"synth/{task}", "config_sha256": "ab12"},
@@ -273,3 +278,54 @@ def test_units_that_disagree_are_an_error(tmp_path):
     write_result(tmp_path, "frac", value=0.5, unit="fraction", seed=1)
     with pytest.raises(ValueError, match="KS_acc disagree on unit"):
         wide_table(collect_results(tmp_path), reference=None)
+
+
+def test_superb_score_counts_only_results_whose_protocol_matches(tmp_path):
+    fbank = FAKE_REF.set_index("upstream").loc["fbank"]
+    dev_trials = "checkpoint chosen on dev trials of 40 held-out development speakers"
+    for task, col in COLUMNS.items():
+        sota = FAKE_SOTA[col]
+        write_result(tmp_path, f"good-{task}", upstream="good", task=task, value=sota, corpus="real_corpus")
+        write_result(tmp_path, f"dev-{task}", upstream="devsel", task=task, value=sota, corpus="real_corpus",
+                     deviations=(dev_trials, "override train.max_steps=10 (recipe superb/asv: 200000)")
+                     if task == "asv" else ())
+        old = write_result(tmp_path, f"old-{task}", upstream="old", task=task, value=fbank[col], corpus="real_corpus",
+                           schema_version=2)
+        result = json.loads(old.read_text())
+        del result["protocol"]
+        old.write_text(json.dumps(result))
+        if task != "er":
+            write_result(tmp_path, f"folds-{task}", upstream="folds", task=task, value=sota, corpus="real_corpus")
+    for fold in (1, 2, 3):
+        write_result(tmp_path, f"folds-er-{fold}", upstream="folds", task="er", value=60.0, corpus="real_corpus",
+                     fold=fold)
+    long = collect_results(tmp_path)
+    assert long.loc[long["upstream"] == "old", "superb_faithful"].isna().all()
+    asv = long[(long["upstream"] == "devsel") & (long["task"] == "asv")].iloc[0]
+    assert not asv["superb_faithful"] and asv["protocol_deviations"].startswith(dev_trials + " | override")
+    wide = wide_table(long, reference=fake_reference())
+    assert one_row(wide, "good", "real")["SUPERB_score"] == pytest.approx(1000.0)
+    assert one_row(wide, "good", "real")["SUPERB_excluded"] == ""
+    devsel = one_row(wide, "devsel", "real")
+    assert pd.isna(devsel["SUPERB_score"]) and devsel["ASV_eer"] == FAKE_SOTA["ASV_eer"]  # shown, not scored
+    assert devsel["SUPERB_excluded"] == f"ASV_eer: {dev_trials} (+1 more)"
+    old = one_row(wide, "old", "real")
+    assert pd.isna(old["SUPERB_score"])
+    assert old["SUPERB_excluded"].startswith("PR_per: no protocol fingerprint (result schema 2); KS_acc: no protocol")
+    assert one_row(wide, "folds", "real")["SUPERB_excluded"] == "ER_acc: 3 of 5 folds"
+    text = format_table(wide)
+    assert "SUPERB_score counts only results whose protocol fingerprint matches SUPERB's protocol" in text
+    assert f"  devsel: ASV_eer: {dev_trials} (+1 more)" in text and "  folds: ER_acc: 3 of 5 folds" in text
+    assert "SUPERB_excluded" not in text.splitlines()[0]  # a footer, not a table column
+    build_leaderboard(tmp_path, tmp_path / "lb.csv", reference=fake_reference())
+    back = read_wide_csv(tmp_path / "lb.csv")
+    assert back.set_index("upstream").loc["devsel", "SUPERB_excluded"] == devsel["SUPERB_excluded"]
+
+
+def test_reference_rows_not_yet_checked_are_listed(tmp_path):
+    table = FAKE_REF.assign(checked=["true", "false", "yes"])
+    ref = reference_from_table(table, name="fake_checked", date="2026-01-01", baseline="fbank")
+    assert ref.unchecked_rows() == ["big"] and fake_reference().unchecked_rows() == []
+    write_result(tmp_path, "a", task="ks", value=50.0, corpus="real_corpus")
+    text = format_table(wide_table(collect_results(tmp_path), reference=ref))
+    assert "reference values not yet checked against their source: big" in text

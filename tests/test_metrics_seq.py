@@ -17,6 +17,7 @@ from speechbench.downstreams.text import (
     CMU_PHONES,
     Vocabulary,
     chars_to_text,
+    lexicon_phones,
     pronounce,
     read_lexicon,
     strip_stress,
@@ -83,8 +84,15 @@ def test_character_and_phone_inventories():
 def test_lexicon_file_and_pronunciation(tmp_path):
     path = tmp_path / "lex.txt"
     path.write_text(";;; comment\nHELLO  HH AH0 L OW1\nHELLO(1)  HH EH0 L OW1\nhello  X\nWORLD\tW ER1 L D\n")
-    lexicon = read_lexicon(path)
+    assert read_lexicon(path) == {"HELLO": ("HH", "AH0", "L", "OW1"), "WORLD": ("W", "ER1", "L", "D")}
+    assert lexicon_phones(read_lexicon(path)) == ("AH0", "D", "ER1", "HH", "L", "OW1", "W")
+    lexicon = read_lexicon(path, stress=False)
     assert lexicon == {"HELLO": ("HH", "AH", "L", "OW"), "WORLD": ("W", "ER", "L", "D")}
+    other = tmp_path / "other.txt"  # several files: the first file that has a word gives its pronunciation
+    other.write_text("WORLD W AO1 L D\nZORK Z AO1 R K\n")
+    both = read_lexicon([path, other])
+    assert both["WORLD"] == ("W", "ER1", "L", "D") and both["ZORK"] == ("Z", "AO1", "R", "K")
+    assert read_lexicon([other, path])["WORLD"] == ("W", "AO1", "L", "D")
     assert pronounce("hello world", lexicon) == (["HH", "AH", "L", "OW", "W", "ER", "L", "D"], [])
     assert pronounce("HELLO ZORK", lexicon) == (None, ["ZORK"])
 

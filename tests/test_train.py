@@ -1,13 +1,14 @@
 """The training loop: deterministic, keeps the best dev checkpoint, resumes to the same result."""
 
 import dataclasses
+from collections import Counter
 
 import pytest
 import torch
 
 from speechbench.benchmark.config import RunConfig, TrainConfig
 from speechbench.benchmark.features import PooledFeatures
-from speechbench.benchmark.train import BatchSchedule, DownstreamModel, evaluate, train
+from speechbench.benchmark.train import BatchSchedule, DownstreamModel, evaluate, train, weighted_resample
 from speechbench.downstreams.featurizer import WeightedLayerSum
 from speechbench.downstreams.heads import UtteranceLevelHead
 from speechbench.downstreams.ks import KSOptions
@@ -33,15 +34,20 @@ def _data(n: int, seed: int):
     return PooledFeatures(feats), labels
 
 
-def _run(tmp, on_checkpoint=None):
+def _run(tmp, on_checkpoint=None, weighted: bool = False, max_steps: int = 60):
+    """Train the toy head; ``weighted``: class-balanced training draws and dev resamples."""
     torch.manual_seed(0)
     model = DownstreamModel(WeightedLayerSum(2), UtteranceLevelHead(8, 16, 3))
-    cfg = RunConfig(task="toy", train=TrainConfig(max_steps=60, batch_size=8, eval_every=10, seed=3))
+    cfg = RunConfig(task="toy", train=TrainConfig(max_steps=max_steps, batch_size=8, eval_every=10, seed=3))
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-2))
     train_src, train_y = _data(64, 1)
     dev_src, dev_y = _data(32, 2)
+    weights = {}
+    if weighted:
+        weights = {"train_weights": [1.0 / (train_y == y).sum().item() for y in train_y.tolist()],
+                   "dev_weights": [1.0 / (dev_y == y).sum().item() for y in dev_y.tolist()]}
     state = train(model, _task(), cfg, train_src, train_y, [1.0] * 64, dev_src, dev_y.tolist(), tmp,
-                  on_checkpoint=on_checkpoint)
+                  on_checkpoint=on_checkpoint, **weights)
     return model, state
 
 
@@ -87,3 +93,54 @@ def test_evaluate_scores_every_utterance():
     model = DownstreamModel(WeightedLayerSum(2), UtteranceLevelHead(8, 4, 3))
     scores, predictions = evaluate(model, _task(), src, y.tolist(), batch_size=3)
     assert len(predictions) == 10 and 0.0 <= scores["accuracy"] <= 100.0
+
+
+def test_class_balanced_draws_are_balanced_and_a_function_of_seed_and_step():
+    labels = [0] * 70 + [1] * 25 + [2] * 5  # 70 / 25 / 5 %, like _unknown_ against the rare classes
+    counts = Counter(labels)
+    weights = [len(labels) / counts[y] for y in labels]  # s3prl's len(data) / class_count
+    schedule = BatchSchedule([1.0] * 100, batch_size=8, seed=4, max_batch_s=None, weights=weights)
+    assert all(len(b) == 8 for b in schedule.epoch_batches(0)) and len(schedule.epoch_batches(0)) == 12  # drop_last
+    draws = Counter(labels[i] for k in range(3000) for i in schedule.micro_batch(k))
+    assert sum(draws.values()) == 24000
+    for y in (0, 1, 2):
+        assert abs(draws[y] / 24000 - 1 / 3) < 0.01, draws
+    # a resumed run rebuilds the schedule from scratch and asks for batch k directly: identical draws
+    fresh = BatchSchedule([1.0] * 100, batch_size=8, seed=4, max_batch_s=None, weights=weights)
+    assert [fresh.micro_batch(k) for k in (2999, 1500, 37)] == [schedule.micro_batch(k) for k in (2999, 1500, 37)]
+    other_seed = BatchSchedule([1.0] * 100, batch_size=8, seed=5, max_batch_s=None, weights=weights)
+    assert other_seed.micro_batch(0) != schedule.micro_batch(0)
+    with pytest.raises(ValueError, match="non-negative"):
+        BatchSchedule([1.0] * 3, batch_size=2, seed=0, max_batch_s=None, weights=[1.0, -1.0, 1.0])
+
+
+def test_length_buckets_of_equal_durations_change_between_epochs():
+    schedule = BatchSchedule([8.0] * 40, batch_size=10, seed=0, max_batch_s=80.0)  # e.g. ASV's 8 s crops
+    first, second = (sorted(map(sorted, schedule.epoch_batches(e))) for e in (0, 1))
+    assert first != second and sorted(i for b in first for i in b) == list(range(40))
+
+
+def test_weighted_training_selects_on_a_resampled_dev_set_and_resumes_exactly(tmp_path):
+    model, state = _run(tmp_path / "full", weighted=True, max_steps=40)
+    assert [sorted(h) for h in state.history] == [["dev_accuracy", "dev_accuracy_all", "loss", "step"]] * 4
+    assert state.best_dev == max(h["dev_accuracy"] for h in state.history)
+    assert any(h["dev_accuracy"] != h["dev_accuracy_all"] for h in state.history)  # a resample, not the dev set
+
+    def stop_at_20(step):
+        if step == 20:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _run(tmp_path / "cut", on_checkpoint=stop_at_20, weighted=True, max_steps=40)
+    resumed, resumed_state = _run(tmp_path / "cut", weighted=True, max_steps=40)
+    assert resumed_state.history == state.history
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_weighted_resample_is_seeded_by_seed_and_step():
+    weights = [1.0, 1.0, 8.0]
+    assert weighted_resample(weights, 0, 10) == weighted_resample(weights, 0, 10)
+    assert weighted_resample(weights, 0, 10) != weighted_resample(weights, 0, 20)
+    draws = Counter(i for step in range(200) for i in weighted_resample(weights, 1, step))
+    assert abs(draws[2] / 600 - 0.8) < 0.05

@@ -4,8 +4,12 @@ All three expose one hidden state (``num_layers = 1``) of 10 ms frames (``downsa
 
 - ``fbank``: 80 Kaldi log-mel filterbanks + deltas + delta-deltas, per-utterance CMVN -> 240-d;
 - ``fbank_no_cmvn``: the same 240-d features without the normalisation;
-- ``mfcc``: 13 Kaldi MFCCs (23 mel bins, orthonormal DCT-II, cepstral lifter 22, c0 replaced by the raw log
-  frame energy as Kaldi's default ``use_energy=True``) + deltas + delta-deltas, per-utterance CMVN -> 39-d.
+- ``mfcc``: 13 Kaldi MFCCs (23 mel bins, orthonormal DCT-II, cepstral lifter 22; c0 is the 0-th cepstral
+  coefficient, ``torchaudio.compliance.kaldi.mfcc``'s default ``use_energy=False`` that s3prl's ``mfcc`` uses, not
+  the Kaldi binary's log energy) + deltas + delta-deltas, per-utterance CMVN -> 39-d.
+
+Each matches s3prl's ``upstream/baseline`` (``fbank.yaml``, ``fbank_no_cmvn.yaml``, ``mfcc.yaml``: torchaudio's
+Kaldi-compliance features with their defaults, ``ComputeDeltas(win_length=5)`` twice, CMVN with the unbiased std).
 
 ``forward(wavs [B, S] float, wav_lengths [B] int64) -> UpstreamOutput(hidden [B, 1, T, D], lengths [B])`` with
 ``lengths[b] = 1 + (max(wav_lengths[b], 400) - 400) // 160`` and ``T = max(lengths)``; frames at or beyond
@@ -41,19 +45,17 @@ __all__ = ["KaldiFeatureUpstream", "build_fbank", "build_fbank_no_cmvn", "build_
 
 FBANK_SUMMARY = (
     "SUPERB FBANK baseline: 80 Kaldi log-mel + deltas + delta-deltas, per-utterance CMVN (240-d, 10 ms). CMVN zeroes\n"
-    "each feature's time-mean and the utterance head (linear -> time-mean -> linear) is linear up to the pooling, so "
-    "every\nclip pools alike: majority-class rate on KS/IC/SID (published FBANK floor: 8.63 % on KS). "
-    "Use fbank_no_cmvn to learn."
+    "each feature's time-mean and the utterance head is linear up to its time-mean, so all clips get one prediction:\n"
+    "KS/IC/SID score one class's share of the test set (published KS floor 8.63 %). Use fbank_no_cmvn to learn."
 )
 FBANK_NO_CMVN_SUMMARY = (
     "80 Kaldi log-mel + deltas + delta-deltas without per-utterance CMVN (240-d, 10 ms): the weight-free baseline that "
     "learns\non utterance-level tasks (fbank's CMVN makes every clip pool to the same input)."
 )
 MFCC_SUMMARY = (
-    "13 Kaldi MFCCs (c0 = log energy) + deltas + delta-deltas, per-utterance CMVN (39-d, 10 ms). As with fbank, CMVN\n"
-    "zeroes each feature's time-mean and the utterance head (linear -> time-mean -> linear) is linear up to the "
-    "pooling, so\nevery clip pools alike: majority-class rate on KS/IC/SID. "
-    "Use fbank_no_cmvn for a weight-free baseline that learns."
+    "13 Kaldi MFCCs (c0 = cepstral c0, as s3prl's) + deltas + delta-deltas, per-utterance CMVN (39-d, 10 ms). As with\n"
+    "fbank, CMVN zeroes each feature's time-mean, so every clip gets one prediction from an utterance-level head:\n"
+    "KS/IC/SID score one class's share of the test set. Use fbank_no_cmvn for a weight-free baseline that learns."
 )
 
 
@@ -98,11 +100,10 @@ class KaldiFeatureUpstream(nn.Module):
     def features(self, wavs: torch.Tensor, wav_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Static features before deltas: ``[B, S] -> ([B, T, num_mel_bins or num_ceps], frame counts [B])``."""
         frames, counts = frame_waves(wavs, wav_lengths)
-        power, log_energy = kaldi_power_spectrum(frames, self.window)
+        power, _ = kaldi_power_spectrum(frames, self.window)
         feats = log_mel_from_power(power, self.mel_banks)
         if self.kind == "mfcc":
-            feats = torch.matmul(feats, self.dct) * self.lifter
-            feats = torch.cat([log_energy[..., None], feats[..., 1:]], dim=-1)  # Kaldi use_energy=True
+            feats = torch.matmul(feats, self.dct) * self.lifter  # c0 stays the cepstral c0 (use_energy=False)
         return feats, counts
 
     def forward(self, wavs: torch.Tensor, wav_lengths: torch.Tensor) -> UpstreamOutput:
@@ -143,6 +144,6 @@ def build_fbank_no_cmvn(**options) -> KaldiFeatureUpstream:
 
 @register_upstream("mfcc", summary=MFCC_SUMMARY)
 def build_mfcc(**options) -> KaldiFeatureUpstream:
-    """13 Kaldi MFCCs (c0 = log energy) + deltas + delta-deltas with per-utterance CMVN (39-d)."""
+    """13 Kaldi MFCCs (c0 = cepstral c0, as s3prl) + deltas + delta-deltas with per-utterance CMVN (39-d)."""
     _check_no_options("mfcc", options)
     return freeze(KaldiFeatureUpstream("mfcc", kind="mfcc", cmvn=True, num_mel_bins=23, num_ceps=13))

@@ -3,7 +3,8 @@
 Everything here is vectorised over utterances and frames (framing with ``unfold``; no Python loop over frames)
 and respects per-utterance lengths, so a padded batch gives the same valid frames as one utterance at a time.
 
-Conventions follow Kaldi's ``compute-fbank-feats`` / ``compute-mfcc-feats`` with ``dither=0``:
+Conventions follow Kaldi's ``compute-fbank-feats`` / ``compute-mfcc-feats`` with ``dither=0``, as written out by
+``torchaudio.compliance.kaldi`` with its defaults (what s3prl's ``fbank`` and ``mfcc`` baselines call):
 
 - frames of ``frame_length`` samples every ``frame_shift`` samples with ``snip_edges=True``:
   ``T = 1 + (S - frame_length) // frame_shift``; an input shorter than one frame is zero-padded to one frame;
@@ -11,10 +12,13 @@ Conventions follow Kaldi's ``compute-fbank-feats`` / ``compute-mfcc-feats`` with
   (symmetric Hann to the power 0.85), zero-padding to ``n_fft`` (512), power spectrum;
 - triangular mel filters on the Kaldi mel scale ``1127 ln(1 + f / 700)`` between ``low_freq`` (20 Hz) and
   Nyquist, triangular in mel space;
-- natural log with an energy floor of float32 machine epsilon.
+- natural log with an energy floor of float32 machine epsilon;
+- deltas with a 5-frame regression window replicating the edge frames; per-utterance CMVN with the unbiased std
+  plus 1e-10 (s3prl's ``CMVN``).
 
-Waveforms are used at the scale they are given (float in [-1, 1] for us, int16 scale in Kaldi): this only shifts
-every log-energy by a constant, which per-utterance CMVN removes.
+Waveforms are used at the scale they are given (float in [-1, 1], as s3prl passes them to torchaudio; int16 scale in
+the Kaldi binaries): this only shifts every log-energy by a constant, which per-utterance CMVN removes.
+One difference from torchaudio: an input shorter than one frame gives one zero-padded frame here and no frame there.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ N_FFT = 512
 PREEMPHASIS = 0.97
 LOW_FREQ = 20.0
 ENERGY_FLOOR = float(torch.finfo(torch.float32).eps)  # Kaldi's std::numeric_limits<float>::epsilon()
-CMVN_STD_FLOOR = 1e-5
+CMVN_EPS = 1e-10  # s3prl upstream/baseline CMVN: (x - mean) / (eps + std)
+CMVN_CONSTANT_BELOW = 1e-5  # a std this small is round-off of a constant feature
 
 
 def kaldi_mel(freq: torch.Tensor | float) -> torch.Tensor:
@@ -187,15 +192,20 @@ def add_deltas(x: torch.Tensor, lengths: torch.Tensor | None = None, window: int
     return torch.cat([x, delta, compute_deltas(delta, lengths, window)], dim=-1)
 
 
-def masked_cmvn(x: torch.Tensor, lengths: torch.Tensor, std_floor: float = CMVN_STD_FLOOR) -> torch.Tensor:
+def masked_cmvn(x: torch.Tensor, lengths: torch.Tensor, eps: float = CMVN_EPS,
+                constant_below: float = CMVN_CONSTANT_BELOW) -> torch.Tensor:
     """Per-utterance mean and variance normalisation of ``x [B, T, D]`` over its valid frames.
 
-    Subtracts each utterance's per-dimension time-mean and divides by its population standard deviation (floored
-    at ``std_floor``), both computed on the first ``lengths[b]`` frames only. Padded frames come out as 0.
+    ``(x - mean) / (std + eps)`` per utterance and dimension, both statistics over the first ``lengths[b]`` frames
+    only, with the unbiased (``T - 1``) standard deviation and ``eps = 1e-10`` added, as s3prl's baseline CMVN
+    (``x.std(dim=0)``) does. A dimension whose std is below ``constant_below`` is constant up to float round-off and
+    comes out as 0 (dividing its round-off by ``eps`` would give arbitrary values); so does a one-frame utterance.
+    Padded frames come out as 0.
     """
     mask = length_mask(lengths.to(x.device), x.shape[1]).to(x.dtype)[..., None]
-    count = mask.sum(dim=1, keepdim=True).clamp_min(1.0)
-    mean = (x * mask).sum(dim=1, keepdim=True) / count
+    count = mask.sum(dim=1, keepdim=True)
+    mean = (x * mask).sum(dim=1, keepdim=True) / count.clamp_min(1.0)
     centered = (x - mean) * mask
-    std = (centered.square().sum(dim=1, keepdim=True) / count).sqrt().clamp_min(std_floor)
-    return centered / std
+    std = (centered.square().sum(dim=1, keepdim=True) / (count - 1.0).clamp_min(1.0)).sqrt()
+    scale = torch.where(std >= constant_below, 1.0 / (std + eps), torch.zeros_like(std))
+    return centered * scale

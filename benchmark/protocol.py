@@ -1,0 +1,80 @@
+"""The protocol fingerprint of a run: the facts that decide whether its number is comparable to SUPERB's.
+
+Every ``result.json`` gets a ``protocol`` section (schema 3)::
+
+    {"recipe": "superb/ks", "reproduces": "superb", "superb_faithful": true, "deviations": [],
+     "known_differences": [...], "lr_searched": false, "lrs": [0.0001], "test_scored": 3081, "test_official": 3081,
+     "sampling": "class_balanced", ...}
+
+``deviations`` collects, in this order: the recipe's declared ``protocol.deviations``; a synthetic corpus; every
+override of a recipe field that changes the protocol (``train.max_steps=1000 (recipe: 200000)``; fields that do
+not change the number, such as paths, the cache mode, the learning rate, which is searched, and the seed, are not
+deviations); the task's run-time findings (a dropped test utterance, a different phone set or trial list ...); a
+test set smaller than the official one. ``superb_faithful`` is true only for a recipe that reproduces SUPERB
+(``protocol.reproduces: superb``) on the real corpus with no deviation at all; the leaderboard's SUPERB score uses
+only those rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from speechbench.benchmark.config import RunConfig, config_to_dict
+from speechbench.downstreams.tasks import PreparedData, Task
+
+# Recipe fields whose value never changes the number (where the data lives, how features are cached, logging,
+# evaluation batch size, the learning rate -- searched, recorded separately -- and the seed).
+NEUTRAL_FIELDS = frozenset({
+    "recipe", "description", "cache", "cache_budget_gb", "data.root", "train.log_every", "train.eval_batch_size",
+    "optim.lr", "train.seed",
+})
+# A task option declared with ``dataclasses.field(metadata={"protocol": "neutral"})`` never changes the number (a
+# path, the fold); one with ``{"protocol": "task"}`` is judged by the task's own protocol hook (KS sampling, the PR
+# lexicon, the ASV trial list ...). Neither is reported as an override.
+PROTOCOL_MARKS = ("neutral", "task")
+
+
+def neutral_option_fields(options_cls: type) -> set[str]:
+    """``task_options.<name>`` of every task option marked ``neutral`` or ``task`` (see :data:`PROTOCOL_MARKS`)."""
+    return {f"task_options.{f.name}" for f in dataclasses.fields(options_cls)
+            if f.metadata.get("protocol") in PROTOCOL_MARKS}
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(_flatten(sub, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def override_deviations(cfg: RunConfig, shipped: RunConfig) -> list[str]:
+    """``field=value (recipe <name>: value)`` for every protocol-relevant field where ``cfg`` differs from the
+    recipe as shipped (the ``protocol`` section itself is the recipe's claim, not a setting)."""
+    neutral = NEUTRAL_FIELDS | neutral_option_fields(type(cfg.task_options))
+    ours, theirs = _flatten(config_to_dict(cfg)), _flatten(config_to_dict(shipped))
+    return [f"{key}={ours.get(key)!r} (recipe {shipped.recipe}: {theirs.get(key)!r})"
+            for key in sorted(set(ours) | set(theirs))
+            if key not in neutral and not key.startswith("protocol.") and ours.get(key) != theirs.get(key)]
+
+
+def protocol_record(cfg: RunConfig, shipped: RunConfig, task: Task, prepared: PreparedData,
+                    lrs: list[float]) -> dict:
+    """The ``protocol`` section of a result (module docstring)."""
+    deviations = list(cfg.protocol.deviations)
+    if prepared.corpus == "synth":
+        deviations.append("synthetic corpus: a smoke benchmark, not the task's SUPERB dataset")
+    deviations += [f"override {d}" for d in override_deviations(cfg, shipped)]
+    facts, task_deviations = task.protocol(prepared, cfg.task_options) if task.protocol else ({}, [])
+    facts = {"test_scored": len(prepared.splits["test"]), **facts}
+    deviations += task_deviations
+    scored, official = facts.get("test_scored"), facts.get("test_official")
+    if scored is not None and official is not None and scored != official:
+        deviations.append(f"scored {scored} of the {official} official test items")
+    faithful = cfg.protocol.reproduces == "superb" and prepared.corpus != "synth" and not deviations
+    return {"recipe": cfg.recipe, "reproduces": cfg.protocol.reproduces or None, "superb_faithful": faithful,
+            "deviations": deviations, "known_differences": list(cfg.protocol.known_differences),
+            "lr_searched": len(lrs) > 1, "lrs": [float(lr) for lr in lrs], "eval_every": cfg.train.eval_every,
+            "max_steps": cfg.train.max_steps, **facts}
