@@ -6,6 +6,7 @@ Writes ``FILE.csv`` (the wide table with its ``(unit)`` row, see :mod:`leaderboa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -16,10 +17,12 @@ from speechbench.leaderboard.references import DEFAULT_REFERENCE, ReferenceSet
 from speechbench.leaderboard.tables import counted_rows, format_table, wide_table, wide_to_csv
 
 
-def build_leaderboard(results_dir: str | Path, out_csv: str | Path, reference: str | ReferenceSet | None =
-                      DEFAULT_REFERENCE, split: str = "test") -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """Aggregate every result.json below ``results_dir``; write the wide and long CSVs; return (wide, long, text)."""
-    long_df = collect_results(results_dir)
+def build_leaderboard(results: str | Path | Sequence[str | Path], out_csv: str | Path,
+                      reference: str | ReferenceSet | None = DEFAULT_REFERENCE,
+                      split: str = "test") -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Aggregate every result.json below a directory (or the given result.json files); write the wide and long CSVs;
+    return (wide, long, text)."""
+    long_df = collect_results(results)
     long_df["counted"] = long_df.index.isin(counted_rows(long_df, split).index)
     wide = wide_table(long_df, reference=reference, split=split)
     out_csv = Path(out_csv)
