@@ -171,6 +171,15 @@ def wait_for_jobs(directory: Path, submitted: dict, poll_s: float = 2.0) -> None
             time.sleep(poll_s)
 
 
+def slurm_log(folder: Path, slurm_job_id: str) -> Path | None:
+    """submitit's stderr file of a job (where a job that died before speechbench started says why)."""
+    try:
+        from submitit.core.utils import JobPaths
+    except ImportError:
+        return None
+    return JobPaths(folder, job_id=slurm_job_id, task_id=0).stderr
+
+
 def slurm_states(folder: Path, slurm_job_ids: list[str]) -> dict[str, str]:
     """Slurm's state of each job (``PENDING``, ``RUNNING``, ``COMPLETED``, ``CANCELLED by 0``, ...), read by
     submitit with one ``sacct`` call; ``UNKNOWN`` where Slurm cannot tell (or without submitit)."""

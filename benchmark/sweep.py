@@ -406,6 +406,8 @@ def finish_sweep(directory: Path) -> tuple[Path, str] | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0, ...) would signal our own process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -421,7 +423,7 @@ def job_statuses(sweep: SweepConfig, jobs: list[SweepJob]) -> list[dict]:
 
     ``alive`` is True only for a pending or running job confirmed by its process or by Slurm.
     """
-    from speechbench.benchmark.slurm import failed_slurm_state, slurm_states
+    from speechbench.benchmark.slurm import failed_slurm_state, slurm_log, slurm_states
 
     directory = state_dir(sweep)
     states = {j.job_id: read_state(directory, j.job_id) or {} for j in jobs}
@@ -442,6 +444,7 @@ def job_statuses(sweep: SweepConfig, jobs: list[SweepJob]) -> list[dict]:
         if status["state"] in ("pending", "running") and status["slurm_job_id"]:
             slurm_state = slurm.get(status["slurm_job_id"], "UNKNOWN")
             status["slurm_state"] = slurm_state
+            status["log"] = status["log"] or str(slurm_log(directory / "slurm", status["slurm_job_id"]) or "")
             if failed_slurm_state(slurm_state):
                 last_line = _last_line(status["log"])
                 status.update(state="failed", error=f"slurm job {status['slurm_job_id']}: {slurm_state}" +

@@ -64,6 +64,8 @@ cmd_start() {
     mkdir -p "$dir"
     dir="$(cd "$dir" && pwd)"
     mkdir -p "$dir/state" "$dir/spool" "$dir/log" "$dir/munge"
+    runuser -u munge -- test -x "$dir" || die "the munge user cannot enter $dir (or a folder above it): use a \
+folder such as one made by mktemp -d, with chmod 755"
     # munged insists that its key, socket and log live in a directory only the munge user can write.
     chown munge:munge "$dir/munge"
     chmod 711 "$dir/munge"  # others may reach the socket (execute), not list or write
