@@ -41,6 +41,20 @@ EPILOG_COMPARE = """examples:
 """
 
 
+EPILOG_SWEEP = """examples:
+  bench sweep sweep.yaml                                  # the grid of a sweep file, one job at a time, here
+  bench sweep sweep.yaml --jobs 2                         # two jobs at a time, each with half of the cores
+  bench sweep --upstream fbank_no_cmvn,apc-synth --task ks,ic --lr 1e-2,1e-3 data.profile=tiny   # a grid from flags
+  bench sweep sweep.yaml --executor slurm --partition gpu --gpus 1 --time-min 600   # a Slurm job array
+  bench sweep sweep.yaml --executor slurm --dry-run       # print the jobs and the sbatch script, submit nothing
+  bench sweep sweep.yaml --status                         # each job: not started, pending, running, done, failed
+"""
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
 def _float_list(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
@@ -93,6 +107,41 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "configuration already has a result.json")
     p.add_argument("--json", action="store_true", help="print the result rows as JSON on stdout")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+
+    p = sub.add_parser("sweep", help="run a grid of evaluations as jobs, here or on Slurm",
+                       description="Run upstreams x tasks x folds x seeds x learning rates as one job per (upstream, "
+                                   "task, fold): each job trains all its learning rates and seeds from features "
+                                   "computed once. Finished jobs are skipped on a rerun; when all are done the "
+                                   "sweep's leaderboard is written to OUT/<name>.leaderboard.csv. Flags replace the "
+                                   "sweep file's values; overrides add to its list. Exit code 1 if a job failed.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_SWEEP)
+    p.add_argument("items", nargs="*", metavar="FILE | key.sub=value",
+                   help="the sweep file (YAML, see docs/commands.md) and recipe overrides for every job")
+    p.add_argument("--upstream", type=_str_list, help="upstreams, comma-separated")
+    p.add_argument("--task", type=_str_list, help="tasks, comma-separated, or 'all'")
+    p.add_argument("--fold", type=_int_list, help="folds of multi-fold tasks, comma-separated (default: all)")
+    p.add_argument("--seed", type=_int_list, help="training seeds, comma-separated")
+    p.add_argument("--lr", type=_float_list, help="learning rates, comma-separated (best on dev selected per job)")
+    p.add_argument("--recipe", help="recipe name or YAML path for every task; {task} is replaced by the task")
+    p.add_argument("--data-root", help="real corpus location; {task} is replaced by the task")
+    p.add_argument("--cache", choices=("auto", "pooled", "frames", "off"), help="feature cache mode (as bench run)")
+    p.add_argument("--layer", type=int, help="probe this single hidden state instead of the weighted sum")
+    p.add_argument("--trust-checkpoint", action="store_true", default=None,
+                   help="allow checkpoints that need full unpickling")
+    p.add_argument("--out", help="results directory (default: results)")
+    p.add_argument("--name", help="sweep name: names the leaderboard and the Slurm jobs (default: the file's stem)")
+    p.add_argument("--executor", choices=("local", "slurm"), help="where jobs run (default: local)")
+    p.add_argument("--jobs", type=int, help="local executor: jobs at a time, each with usable CPUs / N threads")
+    p.add_argument("--partition", help="slurm: partition")
+    p.add_argument("--time-min", type=int, help="slurm: time limit per job in minutes (jobs reaching it requeue)")
+    p.add_argument("--gpus", type=int, help="slurm: GPUs per job")
+    p.add_argument("--cpus", type=int, help="slurm: CPUs per job (its torch threads)")
+    p.add_argument("--mem-gb", type=float, help="slurm: memory per job in GB")
+    p.add_argument("--dry-run", action="store_true", help="print the jobs (and the sbatch script), run nothing")
+    p.add_argument("--status", action="store_true", help="show each job's state and exit")
+    p.add_argument("--no-wait", action="store_true", help="slurm: submit and return (the last job to finish "
+                                                          "writes the leaderboard)")
+    p.add_argument("--json", action="store_true", help="print the sweep's job states as JSON on stdout")
 
     p = sub.add_parser("leaderboard", help="aggregate result.json files into leaderboard CSVs and a table",
                        description="Collect every result.json under RESULTS_DIR; write a wide CSV (one row per "
@@ -276,6 +325,29 @@ def fold_means(rows: list[dict]) -> list[dict]:
     return out
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from speechbench.benchmark.config import ConfigError
+    from speechbench.benchmark.sweep import load_sweep, run_sweep, sweep_status
+
+    files = [item for item in args.items if "=" not in item]
+    if len(files) > 1:
+        raise ConfigError(f"bench sweep takes one sweep file, got {', '.join(files)} (overrides are key.sub=value)")
+    sweep = load_sweep(files[0] if files else None, overrides=tuple(i for i in args.items if "=" in i),
+                       upstreams=args.upstream, tasks=args.task, folds=args.fold, seeds=args.seed, lrs=args.lr,
+                       recipe=args.recipe, data_root=args.data_root, cache=args.cache, layer=args.layer,
+                       trust_checkpoint=args.trust_checkpoint, out=args.out, name=args.name, executor=args.executor,
+                       jobs=args.jobs, slurm={"partition": args.partition, "time_min": args.time_min,
+                                              "gpus_per_node": args.gpus, "cpus_per_task": args.cpus,
+                                              "mem_gb": args.mem_gb})
+    report = sweep_status(sweep) if args.status else run_sweep(sweep, dry_run=args.dry_run, wait=not args.no_wait)
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print(report.format())
+    failed = any(j["state"] == "failed" for j in report.jobs)
+    return 1 if failed and not (args.status or args.dry_run) else 0
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from speechbench.benchmark.config import ConfigError
     from speechbench.leaderboard.build import build_leaderboard, long_csv_path
@@ -420,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "data": cmd_data,
                 "extract": cmd_extract, "check-upstream": cmd_check_upstream, "pretrain": cmd_pretrain,
-                "compare": cmd_compare, "rerun": cmd_rerun}
+                "compare": cmd_compare, "rerun": cmd_rerun, "sweep": cmd_sweep}
     try:
         return handlers[args.command](args)
     except SpeechbenchError as e:  # the user's input is wrong: one line (any other exception is a bug: traceback)

@@ -124,11 +124,16 @@ def _tag(value: float) -> str:
     return f"{value:g}".replace("+", "")
 
 
+def upstream_results_dir(out_dir: Path, upstream_label: str) -> Path:
+    """``OUT/<upstream>``: the folder of an upstream's run directories (labels are slugs already)."""
+    return Path(out_dir) / upstream_label.replace("/", "_").replace(":", "_")
+
+
 def run_dir_for(out_dir: Path, upstream: str, cfg: RunConfig, fold: int | None, rerun: bool) -> Path:
     sha = config_sha256(cfg)[:8]
     fold_tag = f"-fold{fold}" if fold is not None else ""
     name = f"{cfg.recipe.replace('/', '-')}{fold_tag}-lr{_tag(cfg.optim.lr)}-seed{cfg.train.seed}-{sha}"
-    base = out_dir / upstream.replace("/", "_").replace(":", "_") / cfg.task / name  # labels are slugs already
+    base = upstream_results_dir(out_dir, upstream) / cfg.task / name
     if not rerun:
         return base
     k = 2

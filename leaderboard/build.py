@@ -9,6 +9,7 @@ atomically. With ``report_dir``: the HTML and Markdown report and the layer-weig
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -28,13 +29,14 @@ from speechbench.leaderboard.tables import (
 )
 
 
-def build_leaderboard(results_dir: str | Path, out_csv: str | Path, reference: str | ReferenceSet | None =
-                      DEFAULT_REFERENCE, split: str = "test", resamples: int = DEFAULT_RESAMPLES,
-                      seed: int = DEFAULT_SEED, report_dir: str | Path | None = None,
-                      confidence: float = CONFIDENCE) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """Aggregate every result.json below ``results_dir``; write the CSVs (and the report); return (wide, long,
-    text). ``resamples=0`` leaves the interval columns out."""
-    long_df = collect_results(results_dir)
+def build_leaderboard(results: str | Path | Sequence[str | Path], out_csv: str | Path,
+                      reference: str | ReferenceSet | None = DEFAULT_REFERENCE, split: str = "test",
+                      resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                      report_dir: str | Path | None = None, confidence: float = CONFIDENCE,
+                      ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Aggregate every result.json below a directory (or the given result.json files); write the CSVs (and the
+    report); return (wide, long, text). ``resamples=0`` leaves the interval columns out."""
+    long_df = collect_results(results)
     counted = counted_rows(long_df, split)
     long_df["counted"] = long_df.index.isin(counted.index)
     ref = load_reference(reference) if isinstance(reference, str) else reference
@@ -50,7 +52,8 @@ def build_leaderboard(results_dir: str | Path, out_csv: str | Path, reference: s
         from speechbench.leaderboard.report import write_report
 
         figures = write_layer_weight_figures(cell_layer_weights(counted), Path(report_dir) / "figures")
-        write_report(wide, report_dir, figures, ref, source=str(results_dir))
+        source = str(results) if isinstance(results, str | Path) else f"{len(results)} result files"
+        write_report(wide, report_dir, figures, ref, source=source)
     return wide, long_df, format_table(wide)
 
 

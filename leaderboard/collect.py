@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +44,22 @@ class BadResultError(SpeechbenchError, ValueError):
     """One result.json cannot be used; the message says why."""
 
 
-def collect_results(results_dir: str | Path) -> pd.DataFrame:
-    """One row per readable ``result.json`` found recursively below ``results_dir`` (columns: ``LONG_COLUMNS``)."""
-    root = Path(results_dir)
-    if not root.is_dir():
-        raise NoResultsError(f"results directory {root} does not exist or is not a directory")
-    paths = sorted(root.rglob(RESULT_FILENAME))
-    if not paths:
-        raise NoResultsError(f"no {RESULT_FILENAME} found under {root}")
+def collect_results(results: str | Path | Sequence[str | Path]) -> pd.DataFrame:
+    """One row per readable ``result.json`` (columns: ``LONG_COLUMNS``): every one found recursively below a
+    directory, or exactly the given files (``bench sweep`` tabulates its own runs only)."""
+    if isinstance(results, str | Path):
+        root = Path(results)
+        if not root.is_dir():
+            raise NoResultsError(f"results directory {root} does not exist or is not a directory")
+        paths = sorted(root.rglob(RESULT_FILENAME))
+        if not paths:
+            raise NoResultsError(f"no {RESULT_FILENAME} found under {root}")
+        where = f"under {root}"
+    else:
+        paths = [Path(p) for p in results]
+        where = "among the given files"
+        if not paths:
+            raise NoResultsError(f"no {RESULT_FILENAME} files given")
     rows = []
     for path in paths:
         try:
@@ -58,7 +67,7 @@ def collect_results(results_dir: str | Path) -> pd.DataFrame:
         except BadResultError as err:
             log.warning("skipping %s: %s", path, err)
     if not rows:
-        raise NoResultsError(f"no usable {RESULT_FILENAME} under {root} ({len(paths)} found, all skipped)")
+        raise NoResultsError(f"no usable {RESULT_FILENAME} {where} ({len(paths)} found, all skipped)")
     return _typed(pd.DataFrame(rows, columns=LONG_COLUMNS))
 
 

@@ -232,6 +232,21 @@ def test_empty_dir_is_a_clear_error(tmp_path):
         collect_results(tmp_path)
 
 
+def test_a_list_of_files_collects_exactly_those(tmp_path):
+    """``bench sweep`` tabulates its own result files, not everything that shares their folder."""
+    mine = [write_result(tmp_path, "a", upstream="apc"), write_result(tmp_path, "b", upstream="cpc")]
+    write_result(tmp_path, "c", upstream="intruder")
+    assert sorted(collect_results([str(p) for p in mine])["upstream"]) == ["apc", "cpc"]
+    assert sorted(collect_results(tmp_path)["upstream"]) == ["apc", "cpc", "intruder"]
+    wide, _, _ = build_leaderboard(mine, tmp_path / "lb.csv", reference=None)
+    assert sorted(wide["upstream"]) == ["apc", "cpc"]
+    with pytest.raises(NoResultsError, match="no result.json files given"):
+        collect_results([])
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(NoResultsError, match=r"no usable result.json among the given files \(1 found, all skipped\)"):
+        collect_results([tmp_path / "bad.json"])
+
+
 def test_build_writes_both_csvs_and_reads_back(tmp_path):
     results = tmp_path / "results"
     for fold, value in enumerate([60.0, 70.0], start=1):
