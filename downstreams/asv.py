@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speechbench.common import atomic_write_text
+from speechbench.common import atomic_write_text, path_option
 from speechbench.downstreams.data import (
     DataError,
     Utterance,
@@ -67,7 +67,7 @@ class ASVOptions:
     am_margin: float = 0.4
     max_crop_s: float | None = 8.0  # random training crops; null = whole utterances
     min_train_s: float = 2.0  # training utterances shorter than this are dropped
-    trial_list: str = "veri_test.txt"  # relative to the data root, or a path
+    trial_list: str = path_option("veri_test.txt", relative_to="data_root")  # relative to the data root, or a path
     dev_speakers: int = 40  # held-out development speakers for the dev trial list (real corpus)
     dev_utterances_per_speaker: int = 20
     dev_trials: int = 10000

@@ -21,6 +21,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
+from speechbench.common import path_option
 from speechbench.downstreams.data import DataError, Utterance, expect_path, read_manifest
 from speechbench.downstreams.heads import UtteranceLevelHead
 from speechbench.downstreams.metrics import accuracy_percent
@@ -35,7 +36,7 @@ REAL_CORPUS = "speech_commands_v0.01"
 @dataclass(frozen=True)
 class KSOptions:
     projector_dim: int = 256
-    test_root: str | None = None  # official test set; default: speech_commands_test_set_v0.01 beside the root
+    test_root: str | None = path_option()  # official test set; default: speech_commands_test_set_v0.01 beside the root
 
 
 def _synth_splits(corpus_dir: Path) -> dict[str, list[Utterance]]:
@@ -74,7 +75,8 @@ def prepare_real(root: Path, test_root: Path | None) -> dict[str, list[Utterance
     expect_path(root / BACKGROUND, f"the {BACKGROUND}/ folder", layout)
     for word in WORDS:
         expect_path(root / word, f"the word folder {word}/", layout)
-    test_root = test_root or root.parent / "speech_commands_test_set_v0.01"
+    # test paths are stored absolute (the manifest's other paths are relative to ``root``)
+    test_root = (test_root or root.parent / "speech_commands_test_set_v0.01").absolute()
     expect_path(test_root, "the official test set folder (set task_options.test_root)",
                 "speech_commands_test_set_v0.01")
     splits: dict[str, list[Utterance]] = {"train": [], "dev": [], "test": []}
@@ -110,8 +112,9 @@ def prepare(data_cfg, options: KSOptions) -> PreparedData:
     if not data_cfg.root:
         raise DataError(f"KS on the real corpus needs --data-root pointing at {REAL_CORPUS}/")
     root = Path(data_cfg.root)
-    test_root = Path(options.test_root) if options.test_root else None
-    return PreparedData(root, prepare_real(root, test_root), REAL_CORPUS, CLASSES, {"root": str(root)})
+    test_root = Path(options.test_root) if options.test_root else root.parent / "speech_commands_test_set_v0.01"
+    return PreparedData(root, prepare_real(root, test_root), REAL_CORPUS, CLASSES,
+                        {"root": str(root), "test_root": str(test_root)})
 
 
 def targets(utterances: Sequence[Utterance], prepared: PreparedData) -> torch.Tensor:

