@@ -7,6 +7,7 @@ the other packages) can both use it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -100,6 +101,7 @@ def cache_root(*parts: str) -> Path:
 
     ``$SPEECHBENCH_CACHE`` if set, else ``$XDG_CACHE_HOME/speechbench``, else ``~/.cache/speechbench``. It holds
     ``synth/`` (the synthetic corpus), ``features/`` (the feature cache) and ``checkpoints/`` (downloaded files).
+    Always an absolute path (a relative ``$SPEECHBENCH_CACHE`` is taken from the working directory).
     """
     base = os.environ.get("SPEECHBENCH_CACHE")
     if base:
@@ -107,7 +109,30 @@ def cache_root(*parts: str) -> Path:
     else:
         xdg = os.environ.get("XDG_CACHE_HOME")
         root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "speechbench"
-    return root.joinpath(*parts)
+    # absolute, so that paths recorded under it (corpus roots, manifests) do not depend on the working directory
+    return root.absolute().joinpath(*parts)
+
+
+PATH_OPTION = "speechbench_path"  # dataclass field metadata key marking a path option (see path_option)
+PATH_KEYWORDS = "speechbench_path_keywords"  # values of a path option that are not paths
+
+
+def path_option(default: str | tuple[str, ...] | None = None, relative_to: str = "cwd",
+                keywords: tuple[str, ...] = (), metadata: dict | None = None) -> dataclasses.Field:
+    """A config dataclass field that holds a file or folder path (``str | None``).
+
+    The runner resolves every such field to an absolute path once, when the config is built
+    (``speechbench.benchmark.config.resolve_paths``), so a relative path means the same wherever it is used and the
+    resolved path is what ``config.yaml`` and ``result.json`` record. ``relative_to`` says what a relative value is
+    relative to: ``"cwd"`` (the working directory) or ``"data_root"`` (``data.root``; left as it is when there is no
+    data root, i.e. on the synthetic corpus). A tuple of paths is resolved item by item; ``keywords`` are values that
+    are not paths and stay as they are (PR's ``lexicon: cmudict``). ``metadata`` adds other field metadata (the
+    protocol role of the option).
+    """
+    if relative_to not in ("cwd", "data_root"):
+        raise ValueError(f"relative_to must be 'cwd' or 'data_root', got {relative_to!r}")
+    return dataclasses.field(default=default, metadata={**(metadata or {}), PATH_OPTION: relative_to,
+                                                        PATH_KEYWORDS: tuple(keywords)})
 
 
 def data_root_env() -> Path | None:

@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", help="local checkpoint replacing the published one of a family/card --upstream")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need full unpickling")
     p.add_argument("--data", required=True, help="directory of .wav/.flac files (recursive) or a JSONL manifest")
-    p.add_argument("--audio-root", help="root of a manifest's relative audio paths (default: found from the manifest)")
+    p.add_argument("--audio-root", help="root of a manifest's relative audio paths (default: each row's audio_root, "
+                                        "else found from the manifest)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--max-batch-s", type=float, default=160.0, help="cap on padded audio seconds per batch")

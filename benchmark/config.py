@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from speechbench.common import SpeechbenchError
+from speechbench.common import PATH_KEYWORDS, PATH_OPTION, SpeechbenchError, path_option
 
 
 class ConfigError(SpeechbenchError, ValueError):
@@ -31,7 +31,7 @@ class DataConfig:
     corpus: str = "synth"  # "synth" = the bundled synthetic corpus; "real" = a corpus found at `root`
     profile: str = "small"  # synthetic corpus profile: tiny | small
     synth_seed: int = 0  # seed of the synthetic corpus generator
-    root: str | None = None  # real corpus location (the task says which layout it expects)
+    root: str | None = path_option()  # real corpus location (the task says which layout it expects)
     max_per_split: int | None = None  # quick runs: a seeded random subset of at most this many utterances per split
 
 
@@ -253,7 +253,49 @@ def build_run_config(raw: dict, options_cls: type, where: str) -> RunConfig:
         raise ConfigError(f"{where}: cache must be one of {', '.join(CACHE_MODES)}, got {cfg.cache!r}")
     if cfg.optim.name not in ("adam", "adamw"):
         raise ConfigError(f"{where}: optim.name must be adam or adamw, got {cfg.optim.name!r}")
-    return dataclasses.replace(cfg, task_options=task_options)
+    return resolve_paths(dataclasses.replace(cfg, task_options=task_options))
+
+
+def _absolute(value: str, base: Path | None = None) -> str:
+    path = Path(value).expanduser()
+    return str(((base / path) if base is not None and not path.is_absolute() else path).resolve())
+
+
+def _resolve_section(section: Any, data_root: Path | None) -> Any:
+    """Resolve the path options (fields made with :func:`speechbench.common.path_option`) of one config section."""
+    if not dataclasses.is_dataclass(section):
+        return section
+    changes = {}
+    for f in dataclasses.fields(section):
+        relative_to, value = f.metadata.get(PATH_OPTION), getattr(section, f.name)
+        if relative_to is None or value is None:
+            continue
+        keywords = f.metadata.get(PATH_KEYWORDS, ())
+        values = value if isinstance(value, tuple) else (value,)
+        resolved = tuple(_resolve_one(v, relative_to, data_root, keywords) for v in values)
+        changes[f.name] = resolved if isinstance(value, tuple) else resolved[0]
+    return dataclasses.replace(section, **changes) if changes else section
+
+
+def _resolve_one(value: str, relative_to: str, data_root: Path | None, keywords: tuple[str, ...]) -> str:
+    if value in keywords:
+        return value
+    if relative_to == "data_root" and not Path(value).expanduser().is_absolute():
+        # the synthetic corpus has no data root: nothing to be relative to, and nothing reads the path
+        return value if data_root is None else _absolute(value, data_root)
+    return _absolute(value)
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """Every path option resolved to an absolute path, once: ``data.root`` (relative to the working directory),
+    then the task's path options (relative to the working directory or to ``data.root``, as each field says).
+
+    Done where the config is built, so the resolved paths are what ``config.yaml``, the run id and ``result.json``
+    record, and a run behaves the same whatever the working directory of the code that reads them.
+    """
+    data = _resolve_section(cfg.data, None)
+    root = Path(data.root) if data.root else None
+    return dataclasses.replace(cfg, data=data, task_options=_resolve_section(cfg.task_options, root))
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

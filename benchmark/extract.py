@@ -11,7 +11,8 @@ Output layout::
 
 Input: a directory searched recursively for ``*.wav``/``*.flac`` (utterance id = relative path without the
 extension, e.g. ``spk1/utt3``) or a JSONL manifest (``downstreams.data.read_manifest``; relative audio paths resolve
-against ``--audio-root``, else the nearest of the manifest's folder and its parents where the first file exists).
+against ``--audio-root``, else the row's own ``audio_root`` (the manifests of a run folder have one), else the nearest
+of the manifest's folder and its parents where the first file exists).
 
 Batches are length-bucketed and capped by total padded audio seconds. Every file is written to a temporary name and
 renamed, so an existing file is complete: an interrupted run resumes by skipping them. Ids are made file-safe by
@@ -108,7 +109,7 @@ def load_inputs(data: str | os.PathLike, audio_root: str | os.PathLike | None = 
         return scan_audio_dir(data), data
     if not data.is_file():
         raise DataError(f"{data}: not found (expected a directory of audio files or a JSONL manifest)")
-    utts = read_manifest(data)
+    utts = read_manifest(data, row_roots=not audio_root)
     if not utts:
         raise DataError(f"{data}: manifest has no utterances")
     root = Path(audio_root) if audio_root else _manifest_root(data, utts)

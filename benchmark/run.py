@@ -221,6 +221,12 @@ def subsample(prepared: PreparedData, max_per_split: int | None) -> PreparedData
     return dataclasses.replace(prepared, splits=splits)
 
 
+def audio_roots(prepared: PreparedData) -> dict[str, str]:
+    """Each split's audio root as an absolute path: what the relative paths of the run's ``manifests/<split>.jsonl``
+    are relative to (each row of those manifests records it too, as ``audio_root``)."""
+    return {split: str(Path(prepared.audio_root).absolute()) for split in prepared.splits}
+
+
 def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepared: PreparedData,
                     features: FeatureSet, run_dir: Path, fold: int | None, protocol: dict,
                     cost: dict | None = None) -> dict:
@@ -251,7 +257,7 @@ def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepa
         "task": task.name,
         "recipe": {"name": cfg.recipe, "config_sha256": config_sha256(cfg)},
         "protocol": protocol,
-        "data": {"corpus": prepared.corpus, **prepared.info},
+        "data": {"corpus": prepared.corpus, **prepared.info, "audio_roots": audio_roots(prepared)},
         "split": "test", "fold": fold,
         "metric": task.metric, "value": scores[task.metric], "unit": task.unit,
         "higher_is_better": task.higher_is_better,
@@ -339,7 +345,7 @@ def run(req: RunRequest, config: RunConfig | None = None) -> list[dict]:
                 try:
                     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
                     for split, utts in prepared.splits.items():
-                        write_manifest(run_dir / "manifests" / f"{split}.jsonl", utts)
+                        write_manifest(run_dir / "manifests" / f"{split}.jsonl", utts, prepared.audio_root)
                     log.info("run %s: lr %g, seed %d%s", run_dir, lr, seed, f", fold {fold}" if fold else "")
                     if features is None:
                         features = FeatureSet(upstream, req.upstream_label, task, prepared, cfg)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speechbench.common import atomic_write_text, sha256_file
+from speechbench.common import atomic_write_text, path_option, sha256_file
 from speechbench.downstreams.data import (
     DataError,
     Utterance,
@@ -82,7 +82,7 @@ class ASVOptions:
     max_crop_s: float | None = 8.0  # random training crops; null = whole utterances
     min_train_s: float = 2.0  # training utterances shorter than this are dropped
     # relative to the data root, or a path; the protocol facts record its name and size
-    trial_list: str = field(default="veri_test.txt", metadata={"protocol": "task"})
+    trial_list: str = path_option("veri_test.txt", relative_to="data_root", metadata={"protocol": "task"})
     dev_speakers: int = 40  # held-out development speakers for the dev trial list (real corpus, dev_trials only)
     dev_utterances_per_speaker: int = 20
     dev_trials: int = 10000

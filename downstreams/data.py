@@ -5,9 +5,17 @@ A manifest is a JSONL file, one utterance per line, in the spirit of lhotse's re
     {"id": "ks-000123", "path": "wavs/ks/ks-000123.wav", "duration_s": 1.0, "speaker": "spk017",
      "split": "train", "keyword": "yes"}
 
-``path`` is relative to the manifest's ``root`` (or absolute). Besides the five fixed fields a row carries the
+``path`` is relative to the manifest's audio root (or absolute). Besides the five fixed fields a row carries the
 task's label fields (``keyword``; ``action``/``object``/``location``; ``emotion`` and ``fold``; ``text``;
 ``phonemes`` as space-separated symbols). Those extra fields travel in ``Utterance.labels``.
+
+A row may also carry its audio root as an absolute path, which makes it self-describing (the manifests a run
+writes into its folder do; they can be used as they are, concatenated or filtered)::
+
+    {"id": "Ses01F_impro01_F000", "path": "Session1/sentences/wav/Ses01F_impro01/Ses01F_impro01_F000.wav",
+     "audio_root": "/data/IEMOCAP_full_release", "duration_s": 1.94, ...}
+
+:func:`read_manifest` joins such a row's relative ``path`` to its ``audio_root``; rows without one are unchanged.
 """
 
 from __future__ import annotations
@@ -88,12 +96,22 @@ class Utterance:
 
 
 
-def write_manifest(path: str | os.PathLike, utterances: Iterable[Utterance]) -> None:
-    lines = [json.dumps(u.to_row(), ensure_ascii=False, sort_keys=False) for u in utterances]
+def write_manifest(path: str | os.PathLike, utterances: Iterable[Utterance],
+                   audio_root: str | os.PathLike | None = None) -> None:
+    """Write a JSONL manifest; with ``audio_root``, every row records it (as an absolute path) after its ``path``."""
+    root = str(Path(audio_root).absolute()) if audio_root is not None else None
+    lines = []
+    for u in utterances:
+        row = u.to_row()
+        if root is not None:
+            row = {k: v for k, v in row.items() if k in ("id", "path")} | {"audio_root": root} | row
+        lines.append(json.dumps(row, ensure_ascii=False, sort_keys=False))
     atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
-def read_manifest(path: str | os.PathLike) -> list[Utterance]:
+def read_manifest(path: str | os.PathLike, row_roots: bool = True) -> list[Utterance]:
+    """The utterances of a JSONL manifest; a row's ``audio_root`` (if any) is joined to its relative ``path``
+    (``row_roots=False``: dropped, the paths stay relative for a root the caller gives, e.g. a corpus that moved)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: manifest not found")
@@ -106,6 +124,13 @@ def read_manifest(path: str | os.PathLike) -> list[Utterance]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            if isinstance(row, dict) and "audio_root" in row:
+                row = dict(row)
+                root = row.pop("audio_root")
+                if not isinstance(root, str) or not Path(root).is_absolute():
+                    raise DataError(f"{path}:{line_no}: audio_root must be an absolute path, got {root!r}")
+                if row_roots and "path" in row and not Path(str(row["path"])).is_absolute():
+                    row["path"] = str(Path(root) / str(row["path"]))
             utterances.append(Utterance.from_row(row, f"{path}:{line_no}"))
     return utterances
 

@@ -32,6 +32,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
+from speechbench.common import path_option
 from speechbench.downstreams.data import DataError, Utterance, expect_path, read_manifest, with_gain
 from speechbench.downstreams.heads import UtteranceLevelHead
 from speechbench.downstreams.metrics import accuracy_percent
@@ -50,7 +51,7 @@ S3PRL_GAIN_DB = -3.0
 class KSOptions:
     projector_dim: int = 256
     # the official test set; default: speech_commands_test_set_v0.01 beside the data root
-    test_root: str | None = field(default=None, metadata={"protocol": "neutral"})
+    test_root: str | None = path_option(metadata={"protocol": "neutral"})
     # class_balanced (SUPERB) | uniform; see the module docstring
     sampling: str = field(default="class_balanced", metadata={"protocol": "task"})
     # applied to real-corpus audio (s3prl: sox gain -3.0)
@@ -93,7 +94,8 @@ def prepare_real(root: Path, test_root: Path | None) -> dict[str, list[Utterance
     expect_path(root / BACKGROUND, f"the {BACKGROUND}/ folder", layout)
     for word in WORDS:
         expect_path(root / word, f"the word folder {word}/", layout)
-    test_root = test_root or root.parent / "speech_commands_test_set_v0.01"
+    # test paths are stored absolute (the manifest's other paths are relative to ``root``)
+    test_root = (test_root or root.parent / "speech_commands_test_set_v0.01").absolute()
     expect_path(test_root, "the official test set folder (set task_options.test_root)",
                 "speech_commands_test_set_v0.01")
     splits: dict[str, list[Utterance]] = {"train": [], "dev": [], "test": []}
@@ -131,9 +133,10 @@ def prepare(data_cfg, options: KSOptions) -> PreparedData:
     if not data_cfg.root:
         raise DataError(f"KS on the real corpus needs --data-root pointing at {REAL_CORPUS}/")
     root = Path(data_cfg.root)
-    test_root = Path(options.test_root) if options.test_root else None
+    test_root = Path(options.test_root) if options.test_root else root.parent / "speech_commands_test_set_v0.01"
     splits = {split: with_gain(utts, options.gain_db) for split, utts in prepare_real(root, test_root).items()}
-    return PreparedData(root, splits, REAL_CORPUS, CLASSES, {"root": str(root), "gain_db": options.gain_db})
+    return PreparedData(root, splits, REAL_CORPUS, CLASSES,
+                        {"root": str(root), "test_root": str(test_root), "gain_db": options.gain_db})
 
 
 def sample_weights(utterances: Sequence[Utterance], prepared: PreparedData, options: KSOptions) -> list[float] | None:

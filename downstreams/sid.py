@@ -18,13 +18,14 @@ each row's ``speaker``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from speechbench.common import path_option
 from speechbench.downstreams.data import DataError, Utterance, audio_duration_s, expect_path, read_manifest
 from speechbench.downstreams.heads import UtteranceLevelHead
 from speechbench.downstreams.metrics import accuracy_percent
@@ -40,7 +41,7 @@ class SIDOptions:
     projector_dim: int = 256
     train_crop_s: float | None = 8.0  # random training crops (SUPERB: 8 s); null = whole utterances
     # default: <data root>/iden_split.txt
-    split_file: str | None = field(default=None, metadata={"protocol": "neutral"})
+    split_file: str | None = path_option(metadata={"protocol": "neutral"})
 
 
 def read_iden_split(path: Path) -> list[tuple[str, str]]:
@@ -103,8 +104,10 @@ def prepare(data_cfg: Any, options: SIDOptions) -> PreparedData:
         raise DataError(f"SID on the real corpus needs --data-root pointing at the {REAL_CORPUS} folder "
                         "(wav/ and iden_split.txt)")
     root = Path(data_cfg.root)
-    splits = prepare_real(root, Path(options.split_file) if options.split_file else None)
-    return PreparedData(root / "wav", splits, REAL_CORPUS, classes(splits["train"]), {"root": str(root)})
+    split_file = Path(options.split_file) if options.split_file else root / "iden_split.txt"
+    splits = prepare_real(root, split_file)
+    return PreparedData(root / "wav", splits, REAL_CORPUS, classes(splits["train"]),
+                        {"root": str(root), "split_file": str(split_file)})
 
 
 def classes(train: Sequence[Utterance]) -> tuple[str, ...]:
