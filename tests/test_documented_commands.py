@@ -39,7 +39,7 @@ def documented_commands() -> list[tuple[str, str]]:
 def test_docs_show_commands():
     commands = [c for _, c in documented_commands()]
     assert len(commands) > 30
-    for name in ("run", "leaderboard", "list", "data", "extract", "check-upstream", "pretrain"):
+    for name in ("run", "leaderboard", "list", "data", "extract", "check-upstream", "pretrain", "cache"):
         assert any(c.split()[1] == name for c in commands), f"no documented example of bench {name}"
 
 
@@ -51,7 +51,8 @@ def test_documented_command_parses(where, command):
         pytest.fail(f"{where}: `{command}` does not parse (exit {e.code})")
 
 
-@pytest.mark.parametrize("command", ["run", "leaderboard", "list", "data", "extract", "check-upstream", "pretrain"])
+@pytest.mark.parametrize("command", ["run", "leaderboard", "list", "data", "extract", "check-upstream", "pretrain",
+                                     "cache"])
 def test_help_of_every_command(command, capsys):
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])
