@@ -221,6 +221,27 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "(OUT/upstream of the first run)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
 
+    p = sub.add_parser("cache", help="see and reclaim the feature cache: ls, du, prune",
+                       description="The feature cache ($SPEECHBENCH_CACHE/features) keeps every upstream's features "
+                                   "per audio file across runs, folds and tasks. ls: one line per upstream; du: disk "
+                                   "use; prune: remove shards by age and/or upstream (their audio is extracted "
+                                   "again when a run needs it).")
+    cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    for action, text in (("ls", "one line per upstream: name, key, utterances (pooled, frames), size, last use"),
+                         ("du", "disk use per upstream and in total")):
+        s = cache_sub.add_parser(action, help=text, description=text)
+        s.add_argument("--json", action="store_true", help="print JSON on stdout")
+    s = cache_sub.add_parser("prune", help="remove cached features by age and/or upstream",
+                             description="Remove the shards not used for D (--older-than) and/or those of one "
+                                         "upstream (--upstream), or everything (--all).")
+    s.add_argument("--older-than", metavar="D", help="age since last use: a number and a unit s, m, h, d, w "
+                                                     "(e.g. 30d, 12h)")
+    s.add_argument("--upstream", metavar="U", help="an upstream's name, a label it ran under (the results folder "
+                                                   "name), or the first 6+ characters of its cache key")
+    s.add_argument("--all", action="store_true", help="remove every cached feature")
+    s.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+
     p = sub.add_parser("list", help="list upstreams, model families, tasks or recipes")
     p.add_argument("what", choices=("upstreams", "families", "tasks", "recipes"))
     p.add_argument("--json", action="store_true", help="print a JSON list of objects on stdout")
@@ -405,6 +426,46 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    import time
+
+    from speechbench.benchmark.cache import cache_root
+    from speechbench.benchmark.cache_admin import human_bytes, list_caches, parse_age, prune
+
+    if args.cache_command == "prune":
+        summary = prune(older_than_s=parse_age(args.older_than) if args.older_than else None,
+                        upstream=args.upstream, everything=args.all, dry_run=args.dry_run)
+        if args.json:
+            _print_json(summary.record())
+        else:
+            verb = "would remove" if args.dry_run else "removed"
+            print(f"{verb} {summary.shards} shards ({summary.utterances} utterances) and {summary.folders} folders: "
+                  f"{human_bytes(summary.bytes)} from {cache_root()}")
+        return 0
+    caches = list_caches()
+    if args.json:
+        total = sum(c["bytes"] for c in caches)
+        _print_json(caches if args.cache_command == "ls" else {"upstreams": [
+            {k: c[k] for k in ("key", "name", "bytes")} for c in caches], "total_bytes": total})
+        return 0
+    now = time.time()
+    for c in caches:
+        size = human_bytes(c["bytes"])
+        if args.cache_command == "du":
+            print(f"{size:>10}  {c['key'][:12]}  {c['name']}")
+            continue
+        labels = f" ({', '.join(c['labels'])})" if c["labels"] and c["labels"] != [c["name"]] else ""
+        days = (now - c["last_used"]) / 86400
+        print(f"{c['key'][:12]}  v{c['version']}  {c['name']}{labels}  {c['precision'] or '-'}  "
+              f"pooled {c['pooled_utterances']}, frames {c['frames_utterances']} utterances  {c['shards']} shards  "
+              f"{size}  last used {days:.1f} d ago")
+    if args.cache_command == "du":
+        print(f"{human_bytes(sum(c['bytes'] for c in caches)):>10}  total  {cache_root()}")
+    elif not caches:
+        print(f"no cached features in {cache_root()}")
+    return 0
+
+
 def cmd_check_upstream(args: argparse.Namespace) -> int:
     from speechbench.benchmark.check_upstream import run_check
 
@@ -493,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "data": cmd_data,
                 "extract": cmd_extract, "check-upstream": cmd_check_upstream, "pretrain": cmd_pretrain,
-                "compare": cmd_compare, "rerun": cmd_rerun, "sweep": cmd_sweep}
+                "compare": cmd_compare, "rerun": cmd_rerun, "sweep": cmd_sweep, "cache": cmd_cache}
     try:
         return handlers[args.command](args)
     except SpeechbenchError as e:  # the user's input is wrong: one line (any other exception is a bug: traceback)

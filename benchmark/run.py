@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import yaml
 
-from speechbench.benchmark.cache import FeatureCache, estimate_frames_bytes, upstream_identity
+from speechbench.benchmark.cache import POOLED_SOURCE, FeatureStore, estimate_frames_bytes
 from speechbench.benchmark.config import (
     ConfigError,
     RunConfig,
@@ -177,7 +177,8 @@ def choose_cache(cfg: RunConfig, task: Task, prepared: PreparedData, upstream) -
 
 
 class FeatureSet:
-    """The features of every split, computed once and shared by every learning rate and seed."""
+    """The features of every split, shared by every learning rate and seed; from the feature cache, where only the
+    utterances no earlier run (of any split, fold or task) has extracted go through the upstream."""
 
     def __init__(self, upstream, upstream_name: str, task: Task, prepared: PreparedData, cfg: RunConfig):
         self.mode, crop_s = choose_cache(cfg, task, prepared, upstream)
@@ -187,22 +188,26 @@ class FeatureSet:
                             "off": "upstream on the fly"}[self.mode] + (f", {crop_s:g} s training crops"
                                                                          if crop_s else "")
         log.info("features: %s", self.description)
-        identity = upstream_identity(upstream, upstream_name)
         frame_rate = upstream.sample_rate / upstream.downsample_rate
         self.sources = {}
+        self.cache_record: dict | None = None  # what the cache did, for result.json (None: cache off)
+        store = None if self.mode == "off" else FeatureStore.open(upstream, upstream_name)
+        if store is not None:
+            self.cache_record = {"key": store.directory.name, "precision": store.identity["precision"],
+                                 "splits": {}, **({"pooled": POOLED_SOURCE} if self.pooled else {})}
         for split, utts in prepared.splits.items():
             crop = crop_s if split == "train" else None
-            if self.mode == "off":
+            if store is None:
                 self.sources[split] = OnTheFlyFeatures(upstream, utts, prepared.audio_root, crop, cfg.train.seed)
                 continue
             t0 = time.perf_counter()
-            cache = FeatureCache.open_or_build(upstream, identity, utts, prepared.audio_root, split, self.mode,
-                                               cfg.train.max_batch_s)
+            cached = store.ensure(upstream, utts, prepared.audio_root, self.mode, cfg.train.max_batch_s, split)
+            self.cache_record["splits"][split] = cached.stats.record(self.mode)
             if self.pooled:
-                self.sources[split] = PooledFeatures(cache.load_pooled())
+                self.sources[split] = PooledFeatures(cached.pooled())
             else:
                 crop_frames = int(crop * frame_rate) if crop else None
-                self.sources[split] = cache.frames(frame_rate).with_crop(crop_frames, cfg.train.seed)
+                self.sources[split] = cached.frames(frame_rate).with_crop(crop_frames, cfg.train.seed)
             log.info("%s features of %d %s utterances ready in %.1f s", self.mode, len(utts), split,
                      time.perf_counter() - t0)
 
@@ -264,7 +269,7 @@ def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepa
         "extra_metrics": {**{k: v for k, v in scores.items() if k != task.metric},
                           f"dev_{task.metric}": state.best_dev},
         "learning_rate": cfg.optim.lr, "seed": cfg.train.seed, "selected": True,
-        "features": features.description,
+        "features": features.description, "feature_cache": features.cache_record,
         "layer_weights": model.featurizer.layer_weights(), "layer": cfg.featurizer.layer,
         "items": items, "cost": cost,
         "best_step": state.best_step, "steps": state.step,

@@ -289,27 +289,30 @@ def _last_line(path: str | None) -> str:
 
 
 class FeatureCounter(logging.Handler):
-    """Counts, from a job's own log records, the splits whose features the upstream computed (a cache build, or the
-    repair of missing shards) and those read whole from a complete cache (``feature cache hit``).
+    """Counts what the feature cache did during a job, from the structured stats its log records carry
+    (``feature_cache_stats``: one record per split a run asks for): the splits whose features the upstream computed
+    (all or some of their utterances), those read whole from the cache, and the utterances extracted.
 
     Features computed on the fly (``cache=off``) are neither: the upstream then runs at every training step.
     """
 
-    _READY = re.compile(r"(pooled|frames) features of \d+ \S+ utterances ready")
-
     def __init__(self):
         super().__init__(logging.INFO)
-        self.ready = self.hits = 0
+        self.computed = self.hits = self.utterances_extracted = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("feature cache hit"):
+        stats = getattr(record, "feature_cache_stats", None)
+        if stats is None:
+            return
+        self.utterances_extracted += stats.extracted
+        if stats.extracted:
+            self.computed += 1
+        else:
             self.hits += 1
-        elif self._READY.match(message):
-            self.ready += 1
 
     def counts(self) -> dict:
-        return {"features_computed": self.ready - self.hits, "features_from_cache": self.hits}
+        return {"features_computed": self.computed, "features_from_cache": self.hits,
+                "utterances_extracted": self.utterances_extracted}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,7 +356,7 @@ def run_job(directory: Path, job_id: str, log_path: str | None = None, counter: 
                    "result.json") for r in rows]
     state = end_attempt(directory, job_id, "done", counter, state="done", results=results)
     log.info("job %s done: %d results; features computed by the upstream for %d split(s), read from the cache for "
-             "%d", job_id, len(results), counter.ready - counter.hits, counter.hits)
+             "%d", job_id, len(results), counter.computed, counter.hits)
     finish_sweep(directory)
     return state
 

@@ -41,7 +41,7 @@ def test_docs_show_commands():
     commands = [c for _, c in documented_commands()]
     assert len(commands) > 30
     for name in ("run", "sweep", "leaderboard", "list", "data", "extract", "check-upstream", "pretrain", "compare",
-                 "rerun"):
+                 "rerun", "cache"):
         assert any(c.split()[1] == name for c in commands), f"no documented example of bench {name}"
 
 
@@ -54,7 +54,7 @@ def test_documented_command_parses(where, command):
 
 
 @pytest.mark.parametrize("command", ["run", "sweep", "leaderboard", "list", "data", "extract", "check-upstream",
-                                     "pretrain", "compare", "rerun"])
+                                     "pretrain", "compare", "rerun", "cache"])
 def test_help_of_every_command(command, capsys):
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])

@@ -264,8 +264,9 @@ def test_no_upstream_pass_repeats_within_a_job(local_sweep):
         log_text = Path(attempt["log"]).read_text()
         assert log_text.count("features of 32 train utterances ready") == 1
         assert "features computed by the upstream for 3 split(s), read from the cache for 0" in log_text
-    index_files = list((local_sweep["cache"] / "features").glob("*/index.json"))
-    assert len(index_files) == 6  # 2 upstreams x 3 splits, nothing else
+    assert attempt["utterances_extracted"] == 32 + 12 + 12  # train, dev, test of the tiny KS corpus, once each
+    stores = [d for d in (local_sweep["cache"] / "features" / "v2").iterdir() if d.is_dir()]
+    assert len(stores) == 2  # one feature store per upstream, nothing else
 
 
 def test_sweep_leaderboard_holds_the_sweep_results_only(local_sweep, capsys):

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RUNNER = ("import resource, sys; from benchmark.cli import main; rc = main(sys.argv[1:]); "
+RUNNER = ("import resource, sys; from speechbench.benchmark.cli import main; rc = main(sys.argv[1:]); "
           "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
 
 
@@ -63,13 +63,14 @@ def frames_gb_per_hour(upstream: str, cache_dir: Path, threads: int, common: lis
     """Build a frames cache for a few utterances and scale its on-disk size to one hour of audio."""
     out = cache_dir / "frames-run"
     env = dict(os.environ, SPEECHBENCH_CACHE=str(cache_dir / "frames"), SPEECHBENCH_THREADS=str(threads))
-    code = ("import sys; from benchmark.run import *; from benchmark.cache import FeatureCache, upstream_identity;"
-            "from upstreams.registry import build_upstream; from downstreams.tasks import get_task;"
+    code = ("import sys; from speechbench.benchmark.run import *; from speechbench.benchmark.cache import FeatureStore;"
+            "from speechbench.upstreams.registry import build_upstream;"
+            "from speechbench.downstreams.tasks import get_task;"
             "t = get_task('ks'); req = RunRequest(upstream=sys.argv[1], task='ks', overrides=tuple(sys.argv[2:]));"
             "cfg = resolve_config(req, t); p = subsample(t.prepare(cfg.data, cfg.task_options), 20);"
-            "up = build_upstream(sys.argv[1]); utts = p.splits['test'];"
-            "c = FeatureCache.open_or_build(up, upstream_identity(up, sys.argv[1]), utts, p.audio_root, 'test',"
-            "'frames'); print('BYTES', sum(s.stat().st_size for s in c.shards), 'SECONDS',"
+            "up = build_upstream(sys.argv[1]); utts = p.splits['test']; store = FeatureStore.open(up, sys.argv[1]);"
+            "store.ensure(up, utts, p.audio_root, 'frames');"
+            "print('BYTES', sum(s.stat().st_size for s in store.shards.glob('*.safetensors')), 'SECONDS',"
             "sum(u.duration_s for u in utts))")
     proc = subprocess.run([sys.executable, "-c", code, upstream, *common], env=env, capture_output=True, text=True,
                           check=True)
