@@ -182,6 +182,8 @@ def prepare_hf(root: str, options: EROptions) -> tuple[list[Utterance], TaskRows
             session = {} if rows.corpus == "synth" else {"session": fold}  # as the native layouts label them
             utts.append(dataclasses.replace(u, split="", labels={**u.labels, "emotion": emotion, "fold": fold,
                                                                  **session}))
+    rows.record["notes"].append("folds: one split per session" if by_session else
+                                f"folds: the session column {rows.record['columns']['fold']!r} of every split")
     if dropped:
         rows.record["notes"].append(f"labels outside the four classes dropped: {dropped}")
     rows.record["dropped_labels"] = dropped

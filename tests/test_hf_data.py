@@ -243,6 +243,7 @@ def test_sid_runs_on_superb_si(tmp_path):
 def test_er_runs_on_superb_er_sessions_as_folds(tmp_path):
     result = _run(tmp_path, "er", superb_er(tmp_path))
     assert result["fold"] == 1 and result["protocol"]["hf_dataset"]["splits"]["fold3"] == ["session3"]
+    assert result["protocol"]["hf_dataset"]["notes"] == ["folds: one split per session"]
     prepared = _prepare("er", superb_er(tmp_path / "again"), "task_options.fold=2")
     assert {u.labels["fold"] for u in prepared.splits["test"]} == {2}
     assert {u.id[:5] for u in prepared.splits["test"]} == {"Ses02"} and len(prepared.splits["test"]) == 4
@@ -258,6 +259,7 @@ def test_er_merges_excited_and_drops_other_emotions_from_a_session_column(tmp_pa
     prepared = _prepare("er", save(tmp_path, "iemocap", {"train": ds}), "task_options.fold=3")
     assert [(u.id, u.labels["emotion"]) for u in prepared.splits["test"]] == [("utt4", "sad"), ("utt5", "neu")]
     assert prepared.info["hf"]["dropped_labels"] == {"frustrated": 2}
+    assert prepared.info["hf"]["notes"][0] == "folds: the session column 'session' of every split"
 
 
 @pytest.mark.parametrize("task", ["asr", "pr"])
@@ -397,6 +399,7 @@ def test_data_roots_resolve_folders_and_keep_hub_ids(tmp_path, monkeypatch):
 
 def test_hub_ids_load_offline_from_the_cache_or_say_why_not(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["run", "--upstream", "fbank_no_cmvn", "--task", "ks", "--data-root", "hf:nobody/no_such_set:v1",
                  "--out", str(tmp_path)]) == 2
