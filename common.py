@@ -135,6 +135,21 @@ def path_option(default: str | tuple[str, ...] | None = None, relative_to: str =
                                                         PATH_KEYWORDS: tuple(keywords)})
 
 
+HF_PREFIX = "hf:"  # a data root ``hf:<where>``: a Hugging Face dataset (see speechbench.downstreams.hf_data)
+
+
+def hf_location(root: str | os.PathLike | None) -> str | None:
+    """``<where>`` of a data root written ``hf:<where>`` (a dataset folder or a hub id), else None."""
+    text = str(root) if root is not None else ""
+    return text[len(HF_PREFIX):] if text.startswith(HF_PREFIX) else None
+
+
+def is_local_hf_location(where: str) -> bool:
+    """Whether ``<where>`` of ``hf:<where>`` names a folder (one that exists, or one written as a path: absolute,
+    ``./``, ``../`` or ``~``) rather than a hub id such as ``superb:ks`` or ``google/speech_commands:v0.01``."""
+    return where.startswith(("/", ".", "~")) or Path(where).expanduser().exists()
+
+
 def data_root_env() -> Path | None:
     """``$SPEECHBENCH_DATA_ROOT``: the folder that holds the real corpora (one sub-folder per corpus), or None."""
     value = os.environ.get("SPEECHBENCH_DATA_ROOT")

@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny (tests, seconds), small (default runs, ~1 min) or medium (~4x small)")
     s.add_argument("--out", required=True, help="output directory (must not hold anything else)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--format", default="native", choices=("native", "hf"),
+                   help="native (wav files + JSONL manifests; default) or hf: also OUT/hf/<task>/, one Hugging Face "
+                        "save_to_disk dataset per task (--data-root hf:OUT/hf/<task>)")
     return parser
 
 
@@ -543,6 +546,12 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     out = generate_corpus(args.out, profile=args.profile, seed=args.seed)
     print(f"wrote the {args.profile} synthetic corpus (seed {args.seed}) to {out}")
+    if args.format == "hf":
+        from speechbench.downstreams.synth.export import export_hf
+
+        folders = export_hf(out)
+        print(f"wrote {len(folders)} Hugging Face datasets to {out / 'hf'} ({', '.join(folders)}; "
+              f"--data-root hf:{out / 'hf'}/<task>)")
     return 0
 
 

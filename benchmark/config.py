@@ -2,7 +2,8 @@
 
 A recipe has fixed sections (``data``, ``featurizer``, ``optim``, ``train``, ``protocol``) and one task-specific
 section, ``task_options``, parsed by the task's own options dataclass. Unknown keys are errors that list the valid ones.
-Values are plain YAML scalars (``yaml.safe_load``): no object construction, no ``eval``.
+Values are plain YAML scalars, lists and (for ``dict`` fields such as ``task_options.columns``) mappings of them
+(``yaml.safe_load``): no object construction, no ``eval``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from typing import Any
 
 import yaml
 
-from speechbench.common import PATH_KEYWORDS, PATH_OPTION, SpeechbenchError, path_option
+from speechbench.common import (
+    HF_PREFIX,
+    PATH_KEYWORDS,
+    PATH_OPTION,
+    SpeechbenchError,
+    hf_location,
+    is_local_hf_location,
+    path_option,
+)
 
 
 class ConfigError(SpeechbenchError, ValueError):
@@ -115,6 +124,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is dict:  # a mapping of names, e.g. task_options.columns (key.sub=value overrides fill it)
+        key_tp, item_tp = typing.get_args(tp) or (str, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping (set entries as {where.split(': ')[-1]}.<key>=value), "
+                              f"got {value!r}")
+        return {_coerce(k, key_tp, f"{where} key"): _coerce(v, item_tp, f"{where}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
@@ -280,6 +295,9 @@ def _resolve_section(section: Any, data_root: Path | None) -> Any:
 def _resolve_one(value: str, relative_to: str, data_root: Path | None, keywords: tuple[str, ...]) -> str:
     if value in keywords:
         return value
+    where = hf_location(value)
+    if where is not None:  # hf:<folder> -> hf:<absolute folder>; a hub id (hf:superb:ks) is not a path
+        return HF_PREFIX + _absolute(where) if is_local_hf_location(where) else value
     if relative_to == "data_root" and not Path(value).expanduser().is_absolute():
         # the synthetic corpus has no data root: nothing to be relative to, and nothing reads the path
         return value if data_root is None else _absolute(value, data_root)
@@ -289,12 +307,17 @@ def _resolve_one(value: str, relative_to: str, data_root: Path | None, keywords:
 def resolve_paths(cfg: RunConfig) -> RunConfig:
     """Every path option resolved to an absolute path, once: ``data.root`` (relative to the working directory),
     then the task's path options (relative to the working directory or to ``data.root``, as each field says).
+    A data root ``hf:<where>`` (a Hugging Face dataset) keeps its prefix: a dataset folder becomes absolute and is what
+    options are relative to; a hub id stays as written and its relative options are taken from the working directory.
 
     Done where the config is built, so the resolved paths are what ``config.yaml``, the run id and ``result.json``
     record, and a run behaves the same whatever the working directory of the code that reads them.
     """
     data = _resolve_section(cfg.data, None)
     root = Path(data.root) if data.root else None
+    where = hf_location(data.root)
+    if where is not None:  # options relative to a dataset folder; a hub dataset has none (working directory)
+        root = Path(where) if is_local_hf_location(where) else Path.cwd()
     return dataclasses.replace(cfg, data=data, task_options=_resolve_section(cfg.task_options, root))
 
 

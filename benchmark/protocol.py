@@ -9,10 +9,11 @@ Every ``result.json`` gets a ``protocol`` section (schema 3)::
 ``deviations`` collects, in this order: the recipe's declared ``protocol.deviations``; a synthetic corpus; every
 override of a recipe field that changes the protocol (``train.max_steps=1000 (recipe: 200000)``; fields that do
 not change the number, such as paths, the cache mode, the learning rate, which is searched, and the seed, are not
-deviations); the task's run-time findings (a dropped test utterance, a different phone set or trial list ...); a
-test set smaller than the official one. ``superb_faithful`` is true only for a recipe that reproduces SUPERB
-(``protocol.reproduces: superb``) on the real corpus with no deviation at all; the leaderboard's SUPERB score uses
-only those rows.
+deviations); the task's run-time findings (a dropped test utterance, a different phone set or trial list ...);
+where a Hugging Face dataset's layout differs from the corpus' (``hf_dataset`` then records the dataset, the splits
+and columns read and notes on its layout); a test set smaller than the official one. ``superb_faithful`` is true only
+for a recipe that reproduces SUPERB (``protocol.reproduces: superb``) on the real corpus with no deviation at all; the
+leaderboard's SUPERB score uses only those rows.
 """
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ def override_deviations(cfg: RunConfig, shipped: RunConfig) -> list[str]:
     ours, theirs = _flatten(config_to_dict(cfg)), _flatten(config_to_dict(shipped))
     return [f"{key}={ours.get(key)!r} (recipe {shipped.recipe}: {theirs.get(key)!r})"
             for key in sorted(set(ours) | set(theirs))
-            if key not in neutral and not key.startswith("protocol.") and ours.get(key) != theirs.get(key)]
+            if not _under(key, neutral) and not key.startswith("protocol.") and ours.get(key) != theirs.get(key)]
+
+
+def _under(key: str, fields: set[str]) -> bool:
+    """``key`` is one of ``fields`` or an entry of one (``task_options.columns.label`` of ``task_options.columns``)."""
+    return key in fields or any(key.startswith(f"{f}.") for f in fields)
 
 
 def protocol_record(cfg: RunConfig, shipped: RunConfig, task: Task, prepared: PreparedData,
@@ -70,6 +76,10 @@ def protocol_record(cfg: RunConfig, shipped: RunConfig, task: Task, prepared: Pr
     facts, task_deviations = task.protocol(prepared, cfg.task_options) if task.protocol else ({}, [])
     facts = {"test_scored": len(prepared.splits["test"]), **facts}
     deviations += task_deviations
+    hf = prepared.info.get("hf")
+    if hf:  # a Hugging Face dataset: which splits and columns were read, and how its layout differs from the corpus'
+        facts["hf_dataset"] = {k: hf[k] for k in ("dataset", "splits", "columns", "fingerprints", "notes")}
+        deviations += [f"Hugging Face dataset layout: {d}" for d in hf["deviations"]]
     scored, official = facts.get("test_scored"), facts.get("test_official")
     if scored is not None and official is not None and scored != official:
         deviations.append(f"scored {scored} of the {official} official test items")

@@ -38,7 +38,15 @@ import yaml
 
 from speechbench.benchmark.config import CACHE_MODES, ConfigError, from_dict
 from speechbench.benchmark.slurm import SlurmConfig
-from speechbench.common import SpeechbenchError, atomic_write_text, sha256_text, usable_cpus
+from speechbench.common import (
+    HF_PREFIX,
+    SpeechbenchError,
+    atomic_write_text,
+    hf_location,
+    is_local_hf_location,
+    sha256_text,
+    usable_cpus,
+)
 
 log = logging.getLogger("speechbench")
 
@@ -115,6 +123,14 @@ def _absolute(path: str | None, is_path: bool) -> str | None:
     return str(Path(path).expanduser().resolve()) if path is not None and is_path else path
 
 
+def _absolute_root(root: str | None) -> str | None:
+    """A data root that names an existing folder, made absolute; ``hf:<folder>`` keeps its prefix, a hub id stays."""
+    where = hf_location(root)
+    if where is not None:
+        return HF_PREFIX + _absolute(where, "{" not in where and is_local_hf_location(where))
+    return _absolute(root, root is not None and "{" not in root and Path(root).expanduser().exists())
+
+
 def _local_paths(sweep: SweepConfig) -> dict:
     """The fields of a sweep that name local paths, made absolute, each read the way ``bench run`` reads it: an
     upstream is a path only when it is no registered name or card; a recipe only when it is an existing YAML file."""
@@ -124,7 +140,7 @@ def _local_paths(sweep: SweepConfig) -> dict:
     return {"upstreams": tuple(_absolute(u, local_upstream_path(u) is not None) for u in sweep.upstreams),
             "recipe": _absolute(recipe, recipe is not None and "{" not in recipe and
                                 recipe.endswith((".yaml", ".yml")) and Path(recipe).expanduser().is_file()),
-            "data_root": _absolute(root, root is not None and "{" not in root and Path(root).expanduser().exists()),
+            "data_root": _absolute_root(root),
             "out": _absolute(sweep.out, True)}
 
 

@@ -17,6 +17,12 @@ it. Test hypotheses and references are written to ``hyp.txt`` / ``ref.txt`` (``<
 
 Synthetic corpus: ``asr/{train,dev,test}.jsonl`` of the generated corpus (grammar sentences, speaker-disjoint
 splits, dev/test sentences never seen in training).
+
+Hugging Face dataset (``--data-root hf:...``, :mod:`downstreams.hf_data`): the published columns of ``superb`` (config
+``asr``) and ``openslr/librispeech_asr``: ``audio``, ``text``, optionally ``speaker_id``, ``id``, ``file``; splits
+``train`` / ``train.100`` / ``train.clean.100``, ``validation`` / ``validation.clean`` (dev), ``test`` / ``test.clean``
+(``task_options.splits.train=train.100,train.360`` concatenates several); ``train_splits``, ``dev_split`` and
+``test_split`` name LibriSpeech folders and do not apply.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from speechbench.common import atomic_write_text
+from speechbench.common import atomic_write_text, hf_location
 from speechbench.downstreams.ctc import (
     LIBRISPEECH,
     OFFICIAL_TEST_UTTERANCES,
@@ -36,6 +42,7 @@ from speechbench.downstreams.ctc import (
     ctc_loss,
     greedy_decode,
     read_librispeech,
+    read_librispeech_hf,
     read_synth_asr,
 )
 from speechbench.downstreams.data import DataError, Utterance
@@ -63,6 +70,9 @@ class ASROptions:
     train_splits: tuple[str, ...] = ("train-clean-100",)
     dev_split: str = "dev-clean"
     test_split: str = "test-clean"
+    # Hugging Face datasets: field -> column and split -> dataset split(s), for names other than the published ones
+    columns: dict[str, str] = field(default_factory=dict, metadata={"protocol": "neutral"})
+    splits: dict[str, str] = field(default_factory=dict, metadata={"protocol": "neutral"})
 
 
 def _check_text(splits: dict[str, list[Utterance]], where: str) -> dict[str, list[Utterance]]:
@@ -89,6 +99,11 @@ def prepare(data_cfg, options: ASROptions) -> PreparedData:
         splits = _check_text(read_synth_asr(corpus_dir), str(corpus_dir / "asr"))
         return PreparedData(corpus_dir, splits, "synth", CHAR_VOCAB,
                             {"profile": data_cfg.profile, "root": str(corpus_dir), "vocabulary": CHAR_VOCAB.name})
+    if hf_location(data_cfg.root) is not None:
+        rows, test_split = read_librispeech_hf(data_cfg.root, options)
+        splits = _check_text(rows.splits, rows.record["dataset"])
+        info = rows.info(test_split=test_split, vocabulary=CHAR_VOCAB.name)
+        return PreparedData(rows.dataset.audio_root, splits, rows.corpus, CHAR_VOCAB, info)
     if not data_cfg.root:
         raise DataError(f"ASR on the real corpus needs --data-root pointing at the {LIBRISPEECH}/ folder")
     root = Path(data_cfg.root)
@@ -277,8 +292,9 @@ def protocol(prepared: PreparedData, options: ASROptions) -> tuple[dict, list[st
         deviations.append("no SpecAugment (s3prl: time warp 5, 4 frequency masks < 50, 2 time masks < 40)")
     elif warp != S3PRL_TIME_WARP:
         deviations.append(f"SpecAugment time warp window {warp} (s3prl: {S3PRL_TIME_WARP})")
-    if prepared.corpus != "synth" and options.test_split in OFFICIAL_TEST_UTTERANCES:
-        facts["test_official"] = OFFICIAL_TEST_UTTERANCES[options.test_split]
+    test_split = prepared.info.get("test_split", options.test_split)
+    if prepared.corpus != "synth" and test_split in OFFICIAL_TEST_UTTERANCES:
+        facts["test_official"] = OFFICIAL_TEST_UTTERANCES[test_split]
     return facts, deviations
 
 

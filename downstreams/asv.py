@@ -33,10 +33,17 @@ training speakers. Scoring: cosine of length-normalised embeddings; EER from the
 Synthetic corpus: ``asv/train.jsonl`` (development speakers), ``asv/{dev,test}.jsonl`` with the corpus' balanced
 trial lists ``asv/{dev,test}_trials.txt`` (``label enroll_id test_id``, look-alike speaker pairs among the
 nontargets); dev and test speakers are disjoint from each other and from training.
+
+Hugging Face dataset (``--data-root hf:...``, :mod:`downstreams.hf_data`): splits ``train`` (the development
+speakers) and ``test`` (the trial utterances), columns ``audio`` and a speaker column (``speaker_id``, ``speaker`` or
+``label``), with an ``id`` column or ``file`` paths ``<speaker>/<video>/<utt>.wav`` whose ids (``<speaker>/<video>/
+<utt>``) the trial list ``task_options.trial_list`` names (relative to the dataset's folder). Dev speakers are held out
+of the train split as above. The synthetic corpus' export uses its own validation split and trial lists.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speechbench.common import atomic_write_text, path_option, sha256_file
+from speechbench.common import atomic_write_text, hf_location, path_option, sha256_file
 from speechbench.downstreams.data import (
     DataError,
     Utterance,
@@ -57,6 +64,7 @@ from speechbench.downstreams.data import (
     read_manifest,
     with_gain,
 )
+from speechbench.downstreams.hf_data import Field, TaskRows, open_dataset, read_task_rows
 from speechbench.downstreams.metrics import equal_error_rate_percent, min_dcf
 from speechbench.downstreams.tasks import PreparedData, Task, register_task
 
@@ -69,6 +77,13 @@ INITS = ("default", "he")
 OFFICIAL_TRIALS = 37720  # veri_test.txt (s3prl: voxceleb1_test_v2.txt, the same 37,720 pairs)
 S3PRL_GAIN_DB = -3.0
 XVECTOR_CONTEXT = 14  # frames lost by the TDNN stack: (5-1)*1 + (3-1)*2 + (3-1)*3
+
+
+# No VoxCeleb verification dataset shipped with huggingface/datasets' loading scripts; the columns follow the other
+# speaker datasets (superb si: file, audio, label; LibriSpeech: speaker_id) and file paths <speaker>/<video>/<utt>.wav,
+# whose ids the trial list names. The synthetic corpus' export also has a validation split and its trial lists.
+HF_FIELDS = {"speaker": Field(("speaker_id", "speaker", "label")), "text": Field(("text",), required=False)}
+HF_SPLITS = {"train": ("train",), "dev": ("validation", "dev"), "test": ("test",)}
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,9 @@ class ASVOptions:
     # default: PyTorch's initialisation (s3prl) | he: He-normal TDNN and segment layers, zero biases
     init: str = field(default="default", metadata={"protocol": "task"})
     gain_db: float = field(default=S3PRL_GAIN_DB, metadata={"protocol": "task"})  # real-corpus audio
+    # Hugging Face datasets: field -> column and split -> dataset split(s), for names other than the published ones
+    columns: dict[str, str] = field(default_factory=dict, metadata={"protocol": "neutral"})
+    splits: dict[str, str] = field(default_factory=dict, metadata={"protocol": "neutral"})
 
 
 @dataclass(frozen=True)
@@ -191,42 +209,100 @@ def prepare_real(root: Path, options: ASVOptions) -> tuple[dict[str, list[Uttera
             expect_path(level, f"{what} {note}", REAL_CORPUS)
     test_speakers = {Path(i).parts[0] for i in test_ids}
     dev_pool = sorted(p.name for p in wav_dir.iterdir() if p.is_dir() and p.name not in test_speakers)
-    if options.checkpoint_selection == "dev_trials" and len(dev_pool) < options.dev_speakers + 2:
-        raise DataError(f"{wav_dir}: {len(dev_pool)} development speaker folders (not in {trial_path.name}); need "
-                        f"more than task_options.dev_speakers = {options.dev_speakers}")
-    n_held_out = options.dev_speakers if options.checkpoint_selection == "dev_trials" else 0
-    held_out = set(sorted(dev_pool, key=_hash)[:n_held_out])
-    rng = np.random.default_rng(options.split_seed)
-    splits: dict[str, list[Utterance]] = {"train": [], "dev": [], "test": []}
-    dev_by_speaker: dict[str, list[str]] = {}
-    too_short = 0
+    development = {}
     for speaker in dev_pool:
         rels = sorted(str(p.relative_to(wav_dir)) for p in (wav_dir / speaker).glob("*/*.wav"))
-        if speaker in held_out:
-            rels = sorted(rels, key=_hash)[: options.dev_utterances_per_speaker]
-            if len(rels) < 2:
-                continue
-            dev_by_speaker[speaker] = [str(Path(r).with_suffix("")) for r in rels]
-        split = "dev" if speaker in held_out else "train"
-        for rel in rels:
-            duration = audio_duration_s(wav_dir / rel)
-            if split == "train" and duration < options.min_train_s:
-                too_short += 1
-                continue
-            splits[split].append(Utterance(str(Path(rel).with_suffix("")), rel, duration, speaker, split,
-                                           {"label": speaker}))
+        development[speaker] = [Utterance(str(Path(rel).with_suffix("")), rel, audio_duration_s(wav_dir / rel),
+                                          speaker, "train", {"label": speaker}) for rel in rels]
+    splits, dev_trials, too_short = split_development(development, options, f"{wav_dir}",
+                                                      f"speaker folders (not in {trial_path.name})")
     for uid in test_ids:
         rel = f"{uid}.wav"
         splits["test"].append(Utterance(uid, rel, audio_duration_s(wav_dir / rel, trial_path), Path(uid).parts[0],
                                         "test", {"label": Path(uid).parts[0]}))
-    dev_trials = build_trials(dev_by_speaker, options.dev_trials, rng) if held_out else []
-    if not splits["train"] or (held_out and len({t[0] for t in dev_trials}) < 2):
-        raise DataError(f"{wav_dir}: not enough development speakers/utterances for training and a dev trial list")
     info = {"root": str(root), "trial_list": str(trial_path), "trial_list_sha256": sha256_file(trial_path),
             "test_trials": len(test_trials),
-            "dev_trials": len(dev_trials), "dev_speakers": sorted(dev_by_speaker),
+            "dev_trials": len(dev_trials), "dev_speakers": sorted({u.speaker for u in splits["dev"]}),
             "train_speakers": len({u.speaker for u in splits["train"]}), "train_dropped_short": too_short}
     return splits, {"dev": dev_trials, "test": test_trials}, info
+
+
+def split_development(development: dict[str, list[Utterance]], options: ASVOptions, where: str, what: str,
+                      key=lambda u: u.path) -> tuple[dict[str, list[Utterance]], list, int]:
+    """Training and dev utterances from the development speakers (``speaker -> utterances``, each list sorted by
+    ``key``): with ``dev_trials`` selection, ``dev_speakers`` speakers (by a hash of their name) are held out, each
+    with ``dev_utterances_per_speaker`` utterances (by a hash of ``key``), and a seeded dev trial list is built
+    among them; every other speaker's utterances of at least ``min_train_s`` train. Returns the splits (test
+    empty), the dev trials and the number of training utterances dropped as too short."""
+    pool = sorted(development)
+    if options.checkpoint_selection == "dev_trials" and len(pool) < options.dev_speakers + 2:
+        raise DataError(f"{where}: {len(pool)} development {what}; need more than task_options.dev_speakers = "
+                        f"{options.dev_speakers}")
+    n_held_out = options.dev_speakers if options.checkpoint_selection == "dev_trials" else 0
+    held_out = set(sorted(pool, key=_hash)[:n_held_out])
+    rng = np.random.default_rng(options.split_seed)
+    splits: dict[str, list[Utterance]] = {"train": [], "dev": [], "test": []}
+    dev_by_speaker: dict[str, list[str]] = {}
+    too_short = 0
+    for speaker in pool:
+        utts = development[speaker]
+        if speaker in held_out:
+            utts = sorted(utts, key=lambda u: _hash(key(u)))[: options.dev_utterances_per_speaker]
+            if len(utts) < 2:
+                continue
+            dev_by_speaker[speaker] = [u.id for u in utts]
+            splits["dev"] += [dataclasses.replace(u, split="dev") for u in utts]
+            continue
+        kept = [u for u in utts if u.duration_s >= options.min_train_s]
+        too_short += len(utts) - len(kept)
+        splits["train"] += [dataclasses.replace(u, split="train") for u in kept]
+    dev_trials = build_trials(dev_by_speaker, options.dev_trials, rng) if held_out else []
+    if not splits["train"] or (held_out and len({t[0] for t in dev_trials}) < 2):
+        raise DataError(f"{where}: not enough development speakers/utterances for training and a dev trial list")
+    return splits, dev_trials, too_short
+
+
+def prepare_hf(root: str, options: ASVOptions) -> tuple[dict[str, list[Utterance]], dict, TaskRows, dict]:
+    """A Hugging Face dataset (module docstring) -> (splits, trial lists, the rows read, info)."""
+    ds = open_dataset(root)
+    if ds.synthetic:  # the synthetic corpus' export: its dev split and trial lists, as the native corpus
+        rows = read_task_rows(root, HF_FIELDS, HF_SPLITS, options, dataset=ds)
+        if rows.folder is None:
+            raise ds.fail("the synthetic corpus' export must be a local folder (it holds the trial lists)")
+        trials = {s: read_trials(expect_path(rows.folder / f"{s}_trials.txt", f"the {s} trial list",
+                                             "synthetic corpus export")) for s in ("dev", "test")}
+        splits = dict(rows.splits)
+        splits["train"], too_short = _drop_short(splits["train"], options.min_train_s)
+        return splits, trials, rows, rows.info(test_trials=len(trials["test"]), dev_trials=len(trials["dev"]),
+                                               train_dropped_short=too_short)
+    rows = read_task_rows(root, HF_FIELDS, {s: HF_SPLITS[s] for s in ("train", "test")}, options, id_components=3,
+                          dataset=ds)
+    labelled = {s: [dataclasses.replace(u, labels={**u.labels, "label": u.speaker}) for u in utts]
+                for s, utts in rows.splits.items()}
+    trial_path = expect_path(Path(options.trial_list), "the verification trial list (task_options.trial_list)",
+                             "trial list '<1|0> <enroll> <test>'")
+    test_trials = read_trials(trial_path, strip_suffix=True)
+    test_ids = sorted({x for _, a, b in test_trials for x in (a, b)})
+    by_id = {u.id: u for u in labelled["test"]}
+    missing = [i for i in test_ids if i not in by_id]
+    if missing:
+        raise ds.fail(f"{len(missing)} of the {len(test_ids)} utterances of {trial_path.name} are not in the test "
+                      f"split, e.g. {missing[0]!r} (test ids look like {next(iter(by_id), 'nothing')!r}; an id column "
+                      "or file paths <speaker>/<video>/<utt>.wav give matching ids)")
+    test_speakers = {by_id[i].speaker for i in test_ids}
+    development: dict[str, list[Utterance]] = {}
+    for u in labelled["train"]:
+        if u.speaker not in test_speakers:
+            development.setdefault(u.speaker, []).append(u)
+    splits, dev_trials, too_short = split_development(development, options, rows.record["dataset"],
+                                                      "speakers in the train split (not in the trial list)",
+                                                      key=lambda u: u.id)
+    splits["test"] = [by_id[i] for i in test_ids]
+    info = rows.info(trial_list=str(trial_path), trial_list_sha256=sha256_file(trial_path),
+                     test_trials=len(test_trials), dev_trials=len(dev_trials),
+                     dev_speakers=sorted({u.speaker for u in splits["dev"]}),
+                     train_speakers=len({u.speaker for u in splits["train"]}), train_dropped_short=too_short)
+    return splits, {"dev": dev_trials, "test": test_trials}, rows, info
 
 
 def _drop_short(utts: Sequence[Utterance], min_s: float) -> tuple[list[Utterance], int]:
@@ -251,6 +327,12 @@ def prepare(data_cfg, options: ASVOptions) -> PreparedData:
                 "dev_trials": len(trials["dev"]), "train_dropped_short": too_short}
         audio_root = corpus_dir
         corpus = "synth"
+    elif hf_location(data_cfg.root) is not None:
+        splits, trials, rows, info = prepare_hf(data_cfg.root, options)
+        audio_root, corpus = rows.dataset.audio_root, rows.corpus
+        if corpus != "synth":
+            splits = {split: with_gain(utts, options.gain_db) for split, utts in splits.items()}
+            info["gain_db"] = options.gain_db
     else:
         if not data_cfg.root:
             raise DataError(f"ASV on the real corpus needs --data-root pointing at the {REAL_CORPUS} folder "

@@ -13,9 +13,21 @@ import torch
 import torch.nn.functional as F
 
 from speechbench.downstreams.data import DataError, Utterance, audio_duration_s, expect_path, read_manifest
+from speechbench.downstreams.hf_data import Field, TaskRows, read_task_rows
 
 LIBRISPEECH = "LibriSpeech"
 OFFICIAL_TEST_UTTERANCES = {"test-clean": 2620, "test-other": 2939}  # LibriSpeech's test sets
+# The published layouts of LibriSpeech as a Hugging Face dataset, from huggingface/datasets' loading scripts before they
+# moved to the hub (commit d7dfbc83): datasets/superb/superb.py, config "asr": file, audio, text, speaker_id,
+# chapter_id, id; splits train (train-clean-100), validation (dev-clean), test (test-clean).
+# datasets/librispeech_asr/librispeech_asr.py: the same columns; config "clean": train.100, train.360, validation, test;
+# "other": train.500, validation, test (the "other" sets); "all": train.clean.100 ... validation.clean, test.clean ...
+# ``phonemes``: the synthetic corpus' export (PR targets from the synthesiser).
+HF_FIELDS = {"text": Field(("text", "transcription", "sentence")),
+             "speaker": Field(("speaker_id", "speaker"), required=False),
+             "phonemes": Field(("phonemes",), required=False)}
+HF_SPLITS = {"train": ("train", "train.100", "train.clean.100"), "dev": ("validation", "validation.clean", "dev"),
+             "test": ("test", "test.clean")}
 
 
 class CTCOutput(NamedTuple):
@@ -102,6 +114,15 @@ def read_librispeech(root: Path, train: Sequence[str], dev: str, test: str) -> d
     # the manifests keep split = train/dev/test; the LibriSpeech split name stays in the path
     return {s: [Utterance(u.id, u.path, u.duration_s, u.speaker, s, u.labels) for u in utts]
             for s, utts in splits.items()}
+
+
+def read_librispeech_hf(root: str, options) -> tuple[TaskRows, str]:
+    """train/dev/test of a Hugging Face LibriSpeech dataset (``HF_SPLITS``, or ``options.splits``) and the name of its
+    test set: ``test-clean`` for a split named ``test`` or ``test.clean`` (superb asr, librispeech_asr clean and all;
+    the protocol's test-size check flags the "other" config, whose ``test`` is test-other), else the split name."""
+    rows = read_task_rows(root, HF_FIELDS, HF_SPLITS, options)
+    test = rows.record["splits"]["test"]
+    return rows, "test-clean" if test in (["test"], ["test.clean"]) else ",".join(test)
 
 
 def read_synth_asr(corpus_dir: Path) -> dict[str, list[Utterance]]:

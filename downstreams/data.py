@@ -16,6 +16,12 @@ writes into its folder do; they can be used as they are, concatenated or filtere
      "audio_root": "/data/IEMOCAP_full_release", "duration_s": 1.94, ...}
 
 :func:`read_manifest` joins such a row's relative ``path`` to its ``audio_root``; rows without one are unchanged.
+
+A ``path`` may also be a row of a Hugging Face dataset (``--data-root hf:...``, see :mod:`downstreams.hf_data`): a
+*row reference* ``<arrow file>#<audio column>:<row>``, e.g. ``train/data-00000-of-00001.arrow#audio:12`` relative to
+the dataset's folder. It is joined to its root like any path; :func:`load_audio` reads the row's stored audio and
+decodes it as it would a file. :func:`row_reference` splits such a path; a feature cache that identifies audio by its
+file (path, size, mtime or content) uses the Arrow file and adds the row.
 """
 
 from __future__ import annotations
@@ -140,24 +146,41 @@ def resolve_audio_path(utt: Utterance, root: str | os.PathLike | None) -> Path:
     return p if p.is_absolute() or root is None else Path(root) / p
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Read a mono audio file as float32 ``[S]``; refuse anything that would give silently wrong numbers.
+def row_reference(path: str | os.PathLike) -> tuple[Path, str, int] | None:
+    """``(arrow file, audio column, row)`` of a dataset row reference ``<file>.arrow#<column>:<row>``, else None."""
+    from speechbench.downstreams.hf_data import parse_row_reference
 
-    Files at another sample rate are resampled with a polyphase filter (scipy); multi-channel audio, empty
-    files and non-finite samples are refused with a one-line error naming the file.
+    return parse_row_reference(path) if ".arrow#" in str(path) else None
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, name: str | None = None) -> np.ndarray:
+    """Read a mono audio file (or a dataset row reference, see the module docstring) as float32 ``[S]``; refuse
+    anything that would give silently wrong numbers.
+
+    Audio at another sample rate is resampled with a polyphase filter (scipy); multi-channel audio, empty audio and
+    non-finite samples are refused with a one-line error naming the file (``name``, if given).
     """
     path = Path(path)
+    name = name or str(path)
+    reference = row_reference(path)
     try:
-        audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        if reference is not None:
+            from speechbench.downstreams.hf_data import read_row_audio
+
+            audio, sr = read_row_audio(*reference)
+        else:
+            audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except DataError as e:
+        raise DataError(f"{name}: {e}") from None
     except Exception as e:  # soundfile raises several types; one clear message for all
-        raise DataError(f"{path}: cannot read audio ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise DataError(f"{name}: cannot read audio ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if audio.shape[1] != 1:
-        raise DataError(f"{path}: expected mono audio, found {audio.shape[1]} channels")
+        raise DataError(f"{name}: expected mono audio, found {audio.shape[1]} channels")
     audio = audio[:, 0]
     if audio.size == 0:
-        raise DataError(f"{path}: audio file is empty")
+        raise DataError(f"{name}: audio file is empty")
     if not np.isfinite(audio).all():
-        raise DataError(f"{path}: audio contains NaN or infinite samples")
+        raise DataError(f"{name}: audio contains NaN or infinite samples")
     if sr != sample_rate:
         from math import gcd
 
@@ -217,7 +240,8 @@ def load_utterance_audio(utt: Utterance, root: str | os.PathLike | None,
                          sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Load an utterance's samples; rows with ``offset_s`` are a ``duration_s`` crop of a longer file, rows with
     ``gain_db`` are scaled by ``10 ** (gain_db / 20)`` (s3prl's sox ``gain -3`` on KS and ASV audio)."""
-    audio = load_audio(resolve_audio_path(utt, root), sample_rate)
+    path = resolve_audio_path(utt, root)
+    audio = load_audio(path, sample_rate, f"{path} (utterance {utt.id})" if row_reference(path) else None)
     if "offset_s" in utt.labels:
         start = int(round(float(utt.labels["offset_s"]) * sample_rate))
         audio = crop_or_pad(audio, int(round(utt.duration_s * sample_rate)), start)

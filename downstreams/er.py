@@ -16,6 +16,14 @@ Head (SUPERB): Linear(D, 256) -> masked mean over time -> Linear(256, 4).
 Synthetic corpus: ``er/utterances.jsonl`` of the generated corpus (emotions as prosody and voice quality relative to
 each speaker; rows with ``emotion`` and ``fold`` 1..5 in speaker-disjoint folds); fold k tests on the rows of
 fold k, dev is the same seeded fraction of the other folds.
+
+Hugging Face dataset (``--data-root hf:...``, :mod:`downstreams.hf_data`): the published layout of ``superb`` (config
+``er``): one split per session, ``session1`` .. ``session5`` (the folds), columns ``audio`` and ``label`` (neu, hap,
+ang, sad: its loading script already merged exc into hap), optionally ``speaker_id``, ``id`` and ``file``. A dataset
+without session splits needs a session column (``session`` or ``fold``, values 1..5 or ``Session1`` ...); its rows
+are read from every split. Labels may also be spelled out (neutral, happy, angry, sad, excited); exc is merged into
+hap and every other label is dropped (counted in the result's ``data.dropped_labels``). Without a speaker column,
+IEMOCAP names give the speaker (``Ses01F_impro01_M000`` -> ``Ses01M``).
 """
 
 from __future__ import annotations
@@ -31,8 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from speechbench.common import hf_location
 from speechbench.downstreams.data import DataError, Utterance, audio_duration_s, expect_path, read_manifest
 from speechbench.downstreams.heads import UtteranceLevelHead
+from speechbench.downstreams.hf_data import Field, TaskRows, open_dataset, read_task_rows
 from speechbench.downstreams.metrics import accuracy_percent
 from speechbench.downstreams.tasks import PreparedData, Task, correct_items, register_task
 
@@ -46,6 +56,17 @@ OFFICIAL_TEST_UTTERANCES = {1: 1085, 2: 1023, 3: 1151, 4: 1031, 5: 1241}
 _SUMMARY_LINE = re.compile(r"^\[\s*([\d.]+)\s*-\s*([\d.]+)\s*\]\s+(Ses\w+)\s+(\w+)\s+\[")
 
 
+# The published layout, from huggingface/datasets' datasets/superb/superb.py before the scripts moved to the hub
+# (commit d7dfbc83), config "er": file, audio, label = ClassLabel(neu, hap, ang, sad) with exc merged into hap by the
+# script; one split per session, session1 .. session5.
+HF_FIELDS = {"emotion": Field(("label", "emotion")), "speaker": Field(("speaker_id", "speaker"), required=False),
+             "fold": Field(("session", "fold"), required=False), "text": Field(("text",), required=False)}
+HF_SPLITS = {f"fold{k}": (f"session{k}", f"Session{k}", f"fold{k}") for k in FOLDS}
+EMOTION_NAMES = {"neutral": "neu", "happy": "hap", "happiness": "hap", "angry": "ang", "anger": "ang",
+                 "sadness": "sad", "excited": "exc", "excitement": "exc"}
+_IEMOCAP_NAME = re.compile(r"^(Ses\d\d)[FM]_.*_([FM])\d+$")
+
+
 @dataclass(frozen=True)
 class EROptions:
     # leave-one-session-out fold: test on Session <fold>
@@ -53,6 +74,9 @@ class EROptions:
     projector_dim: int = 256
     dev_fraction: float = 0.2  # share of the fold's training part held out as dev
     dev_seed: int = 0  # seeds the dev draw (together with the fold)
+    # Hugging Face datasets: field -> column and split (fold1 .. fold5) -> dataset split(s), for other names
+    columns: dict[str, str] = field(default_factory=dict, metadata={"protocol": "neutral"})
+    splits: dict[str, str] = field(default_factory=dict, metadata={"protocol": "neutral"})
 
 
 def parse_emo_evaluation(path: Path) -> list[tuple[str, str]]:
@@ -125,6 +149,47 @@ def split_fold(utterances: Sequence[Utterance], fold: int, dev_fraction: float =
     return splits
 
 
+def _iemocap_speaker(uid: str) -> str:
+    m = _IEMOCAP_NAME.match(Path(uid).name)
+    return f"{m[1]}{m[2]}" if m else ""
+
+
+def _fold(value: object) -> int | None:
+    digits = re.search(r"(\d+)$", str(value))
+    return int(digits[1]) if digits and int(digits[1]) in FOLDS else None
+
+
+def prepare_hf(root: str, options: EROptions) -> tuple[list[Utterance], TaskRows]:
+    """Every kept utterance of a Hugging Face dataset (module docstring), labelled with its fold."""
+    ds = open_dataset(root)
+    by_session = options.splits or any(n in ds.splits for names in HF_SPLITS.values() for n in names)
+    splits = HF_SPLITS if by_session else {name: (name,) for name in ds.splits}
+    fields = HF_FIELDS if by_session else {**HF_FIELDS, "fold": Field(HF_FIELDS["fold"].columns)}
+    rows = read_task_rows(root, fields, splits, options, speaker_of=_iemocap_speaker, dataset=ds)
+    utts, dropped = [], {}
+    for split, split_utts in rows.splits.items():
+        for u in split_utts:
+            fold = _fold(split) if by_session else _fold(u.labels["fold"])
+            if fold is None:
+                raise ds.fail(f"utterance {u.id}: session {u.labels['fold']!r} (column "
+                              f"{rows.record['columns']['fold']!r}) is not one of {', '.join(map(str, FOLDS))}")
+            code = str(u.labels["emotion"]).strip().lower()
+            code = EMOTION_NAMES.get(code, code)
+            emotion = MERGE.get(code, code)
+            if emotion not in CLASSES:
+                dropped[code] = dropped.get(code, 0) + 1
+                continue
+            session = {} if rows.corpus == "synth" else {"session": fold}  # as the native layouts label them
+            utts.append(dataclasses.replace(u, split="", labels={**u.labels, "emotion": emotion, "fold": fold,
+                                                                 **session}))
+    rows.record["notes"].append("folds: one split per session" if by_session else
+                                f"folds: the session column {rows.record['columns']['fold']!r} of every split")
+    if dropped:
+        rows.record["notes"].append(f"labels outside the four classes dropped: {dropped}")
+    rows.record["dropped_labels"] = dropped
+    return utts, rows
+
+
 def prepare(data_cfg: Any, options: EROptions) -> PreparedData:
     if data_cfg.corpus == "synth":
         from speechbench.downstreams.synth.corpus import ensure_corpus
@@ -134,6 +199,11 @@ def prepare(data_cfg: Any, options: EROptions) -> PreparedData:
         splits = split_fold(utts, options.fold, options.dev_fraction, options.dev_seed)
         return PreparedData(corpus_dir, splits, "synth", CLASSES,
                             {"profile": data_cfg.profile, "root": str(corpus_dir), "fold": options.fold})
+    if hf_location(data_cfg.root) is not None:
+        utts, rows = prepare_hf(data_cfg.root, options)
+        splits = split_fold(utts, options.fold, options.dev_fraction, options.dev_seed)
+        return PreparedData(rows.dataset.audio_root, splits, rows.corpus, CLASSES,
+                            rows.info(fold=options.fold, test_session=options.fold))
     if not data_cfg.root:
         raise DataError(f"ER on the real corpus needs --data-root pointing at {REAL_CORPUS}/")
     root = Path(data_cfg.root)

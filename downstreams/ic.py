@@ -12,20 +12,24 @@ slots are right; per-slot accuracies are reported beside it.
 
 Synthetic corpus: ``ic/{train,dev,test}.jsonl`` of the generated corpus (commands with paraphrases, test speakers
 unseen in training), same label fields.
+
+Hugging Face dataset (``--data-root hf:...``, :mod:`downstreams.hf_data`): the published columns of ``superb`` (config
+``ic``): ``audio``, ``action``, ``object``, ``location`` (ClassLabels or strings), optionally ``speaker_id``, ``text``,
+``id`` and ``file``; splits ``train``, ``validation`` (dev), ``test`` (the three csv files).
 """
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from speechbench.common import atomic_write_text
+from speechbench.common import atomic_write_text, hf_location
 from speechbench.downstreams.data import (
     DataError,
     Utterance,
@@ -34,6 +38,7 @@ from speechbench.downstreams.data import (
     read_manifest,
 )
 from speechbench.downstreams.heads import UtteranceLevelHead
+from speechbench.downstreams.hf_data import Field, read_task_rows
 from speechbench.downstreams.metrics import all_fields_accuracy_percent, field_accuracy_percent
 from speechbench.downstreams.tasks import PreparedData, Task, correct_items, register_task
 
@@ -46,9 +51,20 @@ CSV_COLUMNS = ("path", "speakerId", "transcription") + SLOTS
 Vocab = tuple[tuple[str, ...], ...]  # one tuple of label names per slot, in SLOTS order
 
 
+# The published layout, from huggingface/datasets' datasets/superb/superb.py before the scripts moved to the hub
+# (commit d7dfbc83), config "ic": file, audio, speaker_id, text, action, object, location (ClassLabels), splits
+# train/validation/test read from train/valid/test_data.csv.
+HF_FIELDS = {**{s: Field((s,)) for s in SLOTS}, "text": Field(("text", "transcription"), required=False),
+             "speaker": Field(("speaker_id", "speakerId"), required=False)}
+HF_SPLITS = {"train": ("train",), "dev": ("validation", "valid", "dev"), "test": ("test",)}
+
+
 @dataclass(frozen=True)
 class ICOptions:
     projector_dim: int = 256
+    # Hugging Face datasets: field -> column and split -> dataset split(s), for names other than the published ones
+    columns: dict[str, str] = field(default_factory=dict, metadata={"protocol": "neutral"})
+    splits: dict[str, str] = field(default_factory=dict, metadata={"protocol": "neutral"})
 
 
 def read_fsc_csv(root: Path, csv_path: Path, split: str) -> list[Utterance]:
@@ -96,6 +112,10 @@ def prepare(data_cfg: Any, options: ICOptions) -> PreparedData:
         splits = {s: read_manifest(corpus_dir / "ic" / f"{s}.jsonl") for s in ("train", "dev", "test")}
         return PreparedData(corpus_dir, splits, "synth", label_space(splits["train"]),
                             {"profile": data_cfg.profile, "root": str(corpus_dir)})
+    if hf_location(data_cfg.root) is not None:
+        rows = read_task_rows(data_cfg.root, HF_FIELDS, HF_SPLITS, options)
+        return PreparedData(rows.dataset.audio_root, rows.splits, rows.corpus, label_space(rows.splits["train"]),
+                            rows.info())
     if not data_cfg.root:
         raise DataError(f"IC on the real corpus needs --data-root pointing at {REAL_CORPUS}/")
     root = Path(data_cfg.root)

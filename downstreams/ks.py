@@ -18,10 +18,21 @@ Real-corpus audio is scaled by ``task_options.gain_db`` (-3 dB: s3prl loads Spee
 ``gain -3.0``); the test set is the official 3,081 clips.
 
 Synthetic corpus: ``ks/{train,dev,test}.jsonl`` of the generated corpus, same labels (no gain).
+
+Hugging Face dataset (``--data-root hf:...``, :mod:`downstreams.hf_data`): the published columns of ``superb`` (config
+``ks``) and ``google/speech_commands`` (``v0.01``): ``audio``, ``label`` (a ClassLabel or a string: the ten words stay,
+``_silence_`` stays, every other word -- speech_commands' 20 auxiliary words, superb's ``_unknown_`` -- becomes
+``_unknown_``), optionally ``speaker_id``, ``id`` and ``file``; splits ``train``, ``validation`` (dev), ``test``.
+``_silence_`` rows of 2 s or more are background-noise recordings: they are cut into consecutive 1 s crops, as above.
+When the dataset's dev split has no ``_silence_`` row (``superb`` puts all six noise files into ``train``), the crops
+of the train split are divided between train and dev by the hash rule above, which reproduces the native layout;
+otherwise (``google/speech_commands`` splits the noise files itself) the crops stay in their split, and the result
+records that as a deviation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import Counter
 from collections.abc import Sequence
@@ -32,9 +43,10 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from speechbench.common import path_option
+from speechbench.common import hf_location, path_option
 from speechbench.downstreams.data import DataError, Utterance, expect_path, read_manifest, with_gain
 from speechbench.downstreams.heads import UtteranceLevelHead
+from speechbench.downstreams.hf_data import Field, TaskRows, read_task_rows
 from speechbench.downstreams.metrics import accuracy_percent
 from speechbench.downstreams.tasks import PreparedData, Task, correct_items, register_task
 
@@ -47,6 +59,17 @@ SAMPLINGS = ("class_balanced", "uniform")
 S3PRL_GAIN_DB = -3.0
 
 
+# The published layouts, from the datasets' loading scripts (huggingface/datasets before the scripts moved to the hub,
+# commit d7dfbc83: datasets/superb/superb.py, config "ks": file, audio, label = ClassLabel(yes, no, up, down, left,
+# right, on, off, stop, go, _silence_, _unknown_), splits train/validation/test, the six _background_noise_ files in
+# train as _silence_; datasets/speech_commands/speech_commands.py, config "v0.01": file, audio, label = ClassLabel(the
+# 30 words + _silence_), is_unknown, speaker_id, utterance_id (a per-speaker counter, not an id), splits
+# train/validation/test, _silence_ clips in train and validation longer than 1 s).
+HF_FIELDS = {"keyword": Field(("label",)), "speaker": Field(("speaker_id",), required=False)}
+HF_SPLITS = {"train": ("train",), "dev": ("validation", "dev", "valid"), "test": ("test",)}
+LONG_SILENCE_S = 2.0  # a _silence_ row at least this long is a noise recording, cut into 1 s crops
+
+
 @dataclass(frozen=True)
 class KSOptions:
     projector_dim: int = 256
@@ -56,6 +79,9 @@ class KSOptions:
     sampling: str = field(default="class_balanced", metadata={"protocol": "task"})
     # applied to real-corpus audio (s3prl: sox gain -3.0)
     gain_db: float = field(default=S3PRL_GAIN_DB, metadata={"protocol": "task"})
+    # Hugging Face datasets: field -> column and split -> dataset split(s), for names other than the published ones
+    columns: dict[str, str] = field(default_factory=dict, metadata={"protocol": "neutral"})
+    splits: dict[str, str] = field(default_factory=dict, metadata={"protocol": "neutral"})
 
 
 def _synth_splits(corpus_dir: Path) -> dict[str, list[Utterance]]:
@@ -72,13 +98,18 @@ def _wav_utterance(root: Path, rel: str, split: str, keyword: str) -> Utterance:
     return Utterance(f"{split}/{rel}", rel, info.frames / info.samplerate, speaker, split, {"keyword": keyword})
 
 
+def _crop_split(name: str) -> str:
+    """The native layout's assignment of a 1 s silence crop ``<file>.wav#<k>``: 10 % of crops to dev, by hash."""
+    return "dev" if int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10 == 0 else "train"
+
+
 def _silence_crops(root: Path) -> dict[str, list[Utterance]]:
     crops: dict[str, list[Utterance]] = {"train": [], "dev": []}
     for wav in sorted((root / BACKGROUND).glob("*.wav")):
         info = sf.info(str(wav))
         for k in range(int(info.frames // info.samplerate)):
             name = f"{wav.name}#{k}"
-            split = "dev" if int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10 == 0 else "train"
+            split = _crop_split(name)
             rel = f"{BACKGROUND}/{wav.name}"
             crops[split].append(Utterance(f"{split}/{name}", rel, 1.0, "noise", split,
                                           {"keyword": "_silence_", "offset_s": float(k)}))
@@ -121,9 +152,54 @@ def prepare_real(root: Path, test_root: Path | None) -> dict[str, list[Utterance
     return splits
 
 
+def _keyword(label: object) -> str:
+    return label if label in WORDS or label == "_silence_" else "_unknown_"
+
+
+def prepare_hf(root: str, options: KSOptions) -> tuple[dict[str, list[Utterance]], TaskRows]:
+    """The three splits of a Hugging Face dataset (module docstring): 12-class keywords, long silence cut into crops."""
+    rows = read_task_rows(root, HF_FIELDS, HF_SPLITS, options, id_components=2,
+                          speaker_of=lambda uid: Path(uid).name.split("_nohash_")[0])
+    splits = {s: [dataclasses.replace(u, labels={**u.labels, "keyword": _keyword(u.labels["keyword"])}) for u in utts]
+              for s, utts in rows.splits.items()}
+    if not any(u.labels["keyword"] in WORDS for u in splits["train"]):
+        raise rows.dataset.fail(f"no train row is labelled with one of the ten keywords ({', '.join(WORDS)}); is "
+                                f"{rows.record['columns']['keyword']!r} the keyword column? (task_options.columns."
+                                "keyword=<column>)")
+    long = {s: [u for u in utts if u.labels["keyword"] == "_silence_" and u.duration_s >= LONG_SILENCE_S]
+            for s, utts in splits.items()}
+    if not any(long.values()):
+        return splits, rows
+    rehash = not any(u.labels["keyword"] == "_silence_" for u in splits["dev"]) and bool(long["train"])
+    crops: dict[str, list[Utterance]] = {s: [] for s in splits}
+    for split, utts in long.items():
+        for u in utts:
+            for k in range(int(u.duration_s)):
+                target = _crop_split(f"{Path(u.id).name}.wav#{k}") if rehash and split == "train" else split
+                crops[target].append(Utterance(f"{u.id}#{k}", u.path, 1.0, "noise", target,
+                                               {"keyword": "_silence_", "offset_s": float(k)}))
+    cut = {id(u) for utts in long.values() for u in utts}
+    splits = {s: [u for u in utts if id(u) not in cut] + crops[s] for s, utts in splits.items()}
+    counts = ", ".join(f"{len(long[s])} in {s}" for s in splits if long[s])
+    if rehash:
+        rows.record["notes"].append(f"_silence_: the long noise recordings ({counts}) are cut into 1 s crops, 10 % "
+                                    "of them moved to dev by the native layout's hash rule (the dataset's dev split "
+                                    "has no _silence_)")
+    else:
+        rows.record["deviations"].append(f"_silence_: the dataset's own division of the noise recordings ({counts}) "
+                                         "into 1 s crops within their split; the native layout sends a hashed 10 % of "
+                                         "all crops to dev")
+    return splits, rows
+
+
 def prepare(data_cfg, options: KSOptions) -> PreparedData:
     if options.sampling not in SAMPLINGS:
         raise DataError(f"task_options.sampling must be one of {', '.join(SAMPLINGS)}, got {options.sampling!r}")
+    if data_cfg.corpus != "synth" and hf_location(data_cfg.root) is not None:
+        splits, rows = prepare_hf(data_cfg.root, options)
+        gain = 0.0 if rows.corpus == "synth" else options.gain_db  # the synthetic corpus has no gain
+        splits = {split: with_gain(utts, gain) for split, utts in splits.items()}
+        return PreparedData(rows.dataset.audio_root, splits, rows.corpus, CLASSES, rows.info(gain_db=gain))
     if data_cfg.corpus == "synth":
         from speechbench.downstreams.synth.corpus import ensure_corpus
 

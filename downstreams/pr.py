@@ -27,6 +27,10 @@ Head (SUPERB): Linear(D, 256) -> Linear(256, phones + blank), CTC; greedy decodi
 
 Synthetic corpus: the ``asr`` manifests of the generated corpus; targets are their ``phonemes`` field, produced by
 the synthesiser itself (espeak-ng IPA, normalised to the corpus' ``PHONE_SET``); no lexicon, no OOV.
+
+Hugging Face dataset (``--data-root hf:...``): the same columns and splits as ASR (``superb`` asr,
+``openslr/librispeech_asr``); transcripts go through the lexicon as above (null: s3prl's two files when both lie in the
+dataset's folder, else CMUdict). The synthetic corpus' export keeps its ``phonemes`` targets.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from speechbench.common import atomic_write_text, path_option, sha256_file
+from speechbench.common import atomic_write_text, hf_location, path_option, sha256_file
 from speechbench.downstreams.ctc import (
     LIBRISPEECH,
     OFFICIAL_TEST_UTTERANCES,
@@ -47,6 +51,7 @@ from speechbench.downstreams.ctc import (
     ctc_loss,
     greedy_decode,
     read_librispeech,
+    read_librispeech_hf,
     read_synth_asr,
 )
 from speechbench.downstreams.data import DataError, Utterance, expect_path
@@ -83,6 +88,9 @@ class PROptions:
     train_splits: tuple[str, ...] = ("train-clean-100",)
     dev_split: str = "dev-clean"
     test_split: str = "test-clean"
+    # Hugging Face datasets: field -> column and split -> dataset split(s), for names other than the published ones
+    columns: dict[str, str] = field(default_factory=dict, metadata={"protocol": "neutral"})
+    splits: dict[str, str] = field(default_factory=dict, metadata={"protocol": "neutral"})
 
 
 class PhoneReferences(list):
@@ -94,7 +102,7 @@ class PhoneReferences(list):
         self.report = report
 
 
-def _synth_vocabulary(corpus_dir: Path) -> Vocabulary:
+def _synth_vocabulary() -> Vocabulary:
     from speechbench.downstreams.synth.corpus import CORPUS_VERSION, PHONE_SET
 
     return Vocabulary(f"espeak-synth-v{CORPUS_VERSION}-{len(PHONE_SET)}", tuple(PHONE_SET))
@@ -106,18 +114,27 @@ def _with_phones(utts: Sequence[Utterance], phones: Sequence[Sequence[str]]) -> 
 
 
 def prepare_synth(corpus_dir: Path) -> tuple[dict[str, list[Utterance]], Vocabulary]:
-    vocab = _synth_vocabulary(corpus_dir)
-    known = set(vocab.symbols)
-    splits = {}
-    for split, utts in read_synth_asr(corpus_dir).items():
-        phones = [u.labels["phonemes"].split() for u in utts]
+    return _synth_phones(read_synth_asr(corpus_dir), str(corpus_dir / "asr")), _synth_vocabulary()
+
+
+def _synth_phones(splits: dict[str, list[Utterance]], where: str) -> dict[str, list[Utterance]]:
+    """The synthetic corpus' utterances with their ``phonemes`` as targets (checked against its phone set)."""
+    known = set(_synth_vocabulary().symbols)
+    out = {}
+    for split, utts in splits.items():
+        phones = [str(u.labels.get("phonemes") or "").split() for u in utts]
         for u, p in zip(utts, phones, strict=True):
             bad = sorted(set(p) - known)
             if bad or not p:
                 why = f"phones {bad} outside the corpus phone set" if bad else "no phonemes"
-                raise DataError(f"{corpus_dir / 'asr' / split}.jsonl: utterance {u.id} has {why}")
-        splits[split] = _with_phones(utts, phones)
-    return splits, vocab
+                raise DataError(f"{where}: {split} utterance {u.id} has {why}")
+        out[split] = _with_phones(utts, phones)
+    return out
+
+
+def _synth_info(vocab: Vocabulary) -> dict:
+    return {"phone_set": vocab.record(), "lexicon": "synthesiser (espeak-ng phonemes)",
+            "oov_policy": "none (phonemes from the synthesiser)"}
 
 
 def git_blob_id(path: Path) -> str:
@@ -173,19 +190,22 @@ def apply_lexicon(splits: dict[str, list[Utterance]], lexicon: dict[str, tuple[s
     return out, counts
 
 
-def lexicon_paths(options: PROptions, root: Path) -> list[Path] | None:
+def lexicon_paths(options: PROptions, root: Path | None) -> list[Path] | None:
     """The lexicon files to read: ``task_options.lexicon``; when it is null, s3prl's two files if both lie in the
-    LibriSpeech folder (so ``--task all`` finds them); None for CMUdict (``null`` otherwise, or ``[cmudict]``)."""
+    LibriSpeech folder (or the Hugging Face dataset's folder; so ``--task all`` finds them); None for CMUdict (``null``
+    otherwise, or ``[cmudict]``)."""
     if options.lexicon == (CMUDICT,):
         return None
     if options.lexicon:
         return [expect_path(Path(p), "the lexicon file (task_options.lexicon)", "lexicon 'WORD PH PH ...'")
                 for p in options.lexicon]
+    if root is None:
+        return None
     found = [root / name for name in S3PRL_LEXICON_FILES]
     return found if all(p.is_file() for p in found) else None
 
 
-def load_lexicon(options: PROptions, root: Path) -> tuple[dict[str, tuple[str, ...]], dict]:
+def load_lexicon(options: PROptions, root: Path | None) -> tuple[dict[str, tuple[str, ...]], dict]:
     """The lexicon the options name (see :func:`lexicon_paths`), and its record: name, files with sha256 and git blob
     id, whether they are exactly s3prl's libriphone pair, and the stress mode."""
     keep = options.stress == "keep"
@@ -212,25 +232,34 @@ def prepare(data_cfg, options: PROptions) -> PreparedData:
 
         corpus_dir = ensure_corpus(data_cfg.profile, data_cfg.synth_seed)
         splits, vocab = prepare_synth(corpus_dir)
-        info = {"profile": data_cfg.profile, "root": str(corpus_dir), "phone_set": vocab.record(),
-                "lexicon": "synthesiser (espeak-ng phonemes)", "oov_policy": "none (phonemes from the synthesiser)"}
+        info = {"profile": data_cfg.profile, "root": str(corpus_dir), **_synth_info(vocab)}
         return PreparedData(corpus_dir, splits, "synth", vocab, info)
-    if not data_cfg.root:
+    if hf_location(data_cfg.root) is not None:
+        rows, test_split = read_librispeech_hf(data_cfg.root, options)
+        if rows.corpus == "synth":  # the synthetic corpus' export: its own phonemes, as above
+            vocab = _synth_vocabulary()
+            splits = _synth_phones(rows.splits, rows.record["dataset"])
+            return PreparedData(rows.dataset.audio_root, splits, "synth", vocab, rows.info(**_synth_info(vocab)))
+        root, corpus, audio_root, text_splits = rows.folder, rows.corpus, rows.dataset.audio_root, rows.splits
+        info = rows.info(test_split=test_split)
+    elif not data_cfg.root:
         raise DataError(f"PR on the real corpus needs --data-root pointing at the {LIBRISPEECH}/ folder")
-    root = Path(data_cfg.root)
+    else:
+        root = audio_root = Path(data_cfg.root)
+        text_splits = read_librispeech(root, options.train_splits, options.dev_split, options.test_split)
+        corpus = LIBRISPEECH
+        info = {"root": str(root), "train_splits": list(options.train_splits), "dev_split": options.dev_split,
+                "test_split": options.test_split}
     lexicon, record = load_lexicon(options, root)
     check_phones(lexicon, record["name"])
     phones = lexicon_phones(lexicon)
     source = "s3prl-g2p" if record["is_s3prl"] else "lexicon" if record["files"] else "cmudict"
     vocab = Vocabulary(f"{source}-{'stressed' if options.stress == 'keep' else 'unstressed'}-{len(phones)}", phones)
-    splits, counts = apply_lexicon(read_librispeech(root, options.train_splits, options.dev_split,
-                                                    options.test_split), lexicon, record["name"], options.oov)
+    splits, counts = apply_lexicon(text_splits, lexicon, record["name"], options.oov)
     policy = ("every utterance kept (an out-of-lexicon word is an error)" if options.oov == "error"
               else "utterances with out-of-lexicon words dropped from every split")
-    info = {"root": str(root), "train_splits": list(options.train_splits), "dev_split": options.dev_split,
-            "test_split": options.test_split, "phone_set": vocab.record(), "lexicon": record, "oov_policy": policy,
-            **counts}
-    return PreparedData(root, splits, LIBRISPEECH, vocab, info)
+    info.update({"phone_set": vocab.record(), "lexicon": record, "oov_policy": policy, **counts})
+    return PreparedData(audio_root, splits, corpus, vocab, info)
 
 
 def protocol(prepared: PreparedData, options: PROptions) -> tuple[dict, list[str]]:
@@ -245,8 +274,9 @@ def protocol(prepared: PreparedData, options: PROptions) -> tuple[dict, list[str
     facts.update(lexicon=lexicon["name"], lexicon_files=[f["path"] for f in lexicon["files"]],
                  lexicon_sha256=[f["sha256"] for f in lexicon["files"]], lexicon_is_s3prl=lexicon["is_s3prl"],
                  stress=options.stress, oov=options.oov)
-    if options.test_split in OFFICIAL_TEST_UTTERANCES:
-        facts["test_official"] = OFFICIAL_TEST_UTTERANCES[options.test_split]
+    test_split = prepared.info.get("test_split", options.test_split)
+    if test_split in OFFICIAL_TEST_UTTERANCES:
+        facts["test_official"] = OFFICIAL_TEST_UTTERANCES[test_split]
     if options.stress != "keep":
         deviations.append(f"phones without stress ({len(vocab.symbols)} symbols; SUPERB: stress-marked ARPAbet); "
                           "PER over a smaller, easier phone set")

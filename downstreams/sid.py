@@ -13,21 +13,28 @@ Head (SUPERB): Linear(D, 256) -> masked mean over time -> Linear(256, speakers).
 
 Synthetic corpus: ``sid/{train,dev,test}.jsonl`` of the generated corpus, a closed speaker set whose label is
 each row's ``speaker``.
+
+Hugging Face dataset (``--data-root hf:...``, :mod:`downstreams.hf_data`): the published columns of ``superb`` (config
+``si``): ``audio`` and ``label`` (the speaker: a ClassLabel of id10001 .. id11251, or a string), optionally ``id``
+and ``file`` (ids keep ``<speaker>/<video>/<utt>`` of the file path); splits ``train``, ``validation`` (dev),
+``test``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from speechbench.common import path_option
+from speechbench.common import hf_location, path_option
 from speechbench.downstreams.data import DataError, Utterance, audio_duration_s, expect_path, read_manifest
 from speechbench.downstreams.heads import UtteranceLevelHead
+from speechbench.downstreams.hf_data import Field, read_task_rows
 from speechbench.downstreams.metrics import accuracy_percent
 from speechbench.downstreams.tasks import PreparedData, Task, correct_items, register_task
 
@@ -36,12 +43,22 @@ OFFICIAL_TEST_UTTERANCES = 8251  # iden_split.txt, split 3
 SPLIT_CODES = {"1": "train", "2": "dev", "3": "test"}
 
 
+# The published layout, from huggingface/datasets' datasets/superb/superb.py before the scripts moved to the hub
+# (commit d7dfbc83), config "si": file, audio, label = ClassLabel(id10001 .. id11251); splits train/validation/test
+# from s3prl's downstream/voxceleb1/veri_test_class.txt (split codes 1/2/3).
+HF_FIELDS = {"label": Field(("label", "speaker_id", "speaker")), "text": Field(("text",), required=False)}
+HF_SPLITS = {"train": ("train",), "dev": ("validation", "dev"), "test": ("test",)}
+
+
 @dataclass(frozen=True)
 class SIDOptions:
     projector_dim: int = 256
     train_crop_s: float | None = 8.0  # random training crops (SUPERB: 8 s); null = whole utterances
     # default: <data root>/iden_split.txt
     split_file: str | None = path_option(metadata={"protocol": "neutral"})
+    # Hugging Face datasets: field -> column and split -> dataset split(s), for names other than the published ones
+    columns: dict[str, str] = field(default_factory=dict, metadata={"protocol": "neutral"})
+    splits: dict[str, str] = field(default_factory=dict, metadata={"protocol": "neutral"})
 
 
 def read_iden_split(path: Path) -> list[tuple[str, str]]:
@@ -100,6 +117,12 @@ def prepare(data_cfg: Any, options: SIDOptions) -> PreparedData:
                   for s in ("train", "dev", "test")}
         return PreparedData(corpus_dir, splits, "synth", classes(splits["train"]),
                             {"profile": data_cfg.profile, "root": str(corpus_dir)})
+    if hf_location(data_cfg.root) is not None:
+        rows = read_task_rows(data_cfg.root, HF_FIELDS, HF_SPLITS, options, id_components=3)
+        splits = {s: [dataclasses.replace(u, speaker=str(u.labels["label"]), labels={**u.labels, "label":
+                                                                                      str(u.labels["label"])})
+                      for u in utts] for s, utts in rows.splits.items()}
+        return PreparedData(rows.dataset.audio_root, splits, rows.corpus, classes(splits["train"]), rows.info())
     if not data_cfg.root:
         raise DataError(f"SID on the real corpus needs --data-root pointing at the {REAL_CORPUS} folder "
                         "(wav/ and iden_split.txt)")
