@@ -62,7 +62,7 @@ from tqdm import tqdm
 from speechbench.benchmark.features import upstream_hidden
 from speechbench.common import SpeechbenchError, atomic_path, atomic_write_text, sha256_file
 from speechbench.common import cache_root as common_cache_root
-from speechbench.downstreams.data import DataError, Utterance, bucket_by_duration, resolve_audio_path
+from speechbench.downstreams.data import DataError, Utterance, bucket_by_duration, resolve_audio_path, row_reference
 from speechbench.upstreams.base import Upstream, describe_upstream
 
 try:
@@ -122,8 +122,14 @@ _CONTENT_HASHES: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256, so a
 
 
 def audio_identity(utt: Utterance, audio_root: Path | None, sample_rate: int, mode: str = "path") -> dict:
-    """The audio an utterance's features come from: file identity plus the crop in samples (crop rows only)."""
-    path = os.path.realpath(resolve_audio_path(utt, audio_root))
+    """The audio an utterance's features come from: file identity plus the crop in samples (crop rows only).
+
+    A row of a Hugging Face dataset (``<file>.arrow#<column>:<row>``, see ``downstreams/hf_data.py``) is the Arrow
+    file's identity plus the column and row.
+    """
+    path = str(resolve_audio_path(utt, audio_root))
+    row = row_reference(path)
+    path = os.path.realpath(row[0] if row else path)
     try:
         st = os.stat(path)
     except OSError:
@@ -135,6 +141,8 @@ def audio_identity(utt: Utterance, audio_root: Path | None, sample_rate: int, mo
         ident: dict = {"sha256": _CONTENT_HASHES[stat_key]}
     else:
         ident = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if row:
+        ident["row"] = f"{row[1]}:{row[2]}"
     if "offset_s" in utt.labels:  # the same rounding as downstreams.data.load_utterance_audio
         ident["crop"] = [int(round(float(utt.labels["offset_s"]) * sample_rate)),
                          int(round(utt.duration_s * sample_rate))]

@@ -363,3 +363,16 @@ def test_er_folds_and_asr_after_pr_run_the_upstream_once_per_audio_file(tmp_path
     (asr,) = run(RunRequest(upstream="fbank_no_cmvn", task="asr", overrides=tiny, out_dir=str(tmp_path / "out")))
     assert _extracted([pr]) == [28] and _extracted([asr]) == [0]
     assert asr["features"] == pr["features"] == "frames cache (float16)" and "pooled" not in asr["feature_cache"]
+
+
+def test_dataset_rows_are_keyed_by_their_arrow_file_and_row(tmp_path):
+    """A Hugging Face dataset row (``<file>.arrow#<column>:<row>``) is keyed by the Arrow file's identity and the row:
+    rows of one file differ, and rewriting the file changes every key."""
+    arrow = tmp_path / "train" / "data-00000-of-00001.arrow"
+    arrow.parent.mkdir()
+    arrow.write_bytes(b"not really arrow: only its identity matters here")
+    rows = [Utterance(f"u{k}", f"train/data-00000-of-00001.arrow#audio:{k}", 1.0, "s", "train") for k in range(2)]
+    keys = [utterance_key(u, tmp_path, 16000) for u in rows]
+    assert keys[0] != keys[1] and keys == [utterance_key(u, tmp_path, 16000) for u in rows]
+    os.utime(arrow, ns=(1, 1))
+    assert all(a != b for a, b in zip(keys, [utterance_key(u, tmp_path, 16000) for u in rows], strict=True))
