@@ -180,6 +180,9 @@ def resolve_device(spec: str | None = "auto", dist: Dist | None = None) -> torch
 def check_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise DeviceError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type == "cpu":
+        raise DeviceError("precision fp16 is for CUDA devices: on the CPU PyTorch lacks float16 kernels for some "
+                          "layers (oneDNN's LSTM) and emulates the others; use bf16 or fp32")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceError(f"precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use fp16 "
                           "or fp32")

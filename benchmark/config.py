@@ -318,18 +318,18 @@ def config_to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def check_runtime(runtime: Any, where: str) -> None:
+def check_runtime(runtime: Any, where: str, prefix: str = "runtime.") -> None:
     """The ``runtime`` section's values are known ones (whether this machine has the device is checked when the
-    run starts)."""
+    run starts); ``prefix`` names the fields in messages."""
     from speechbench.runtime import PRECISIONS, DeviceError, parse_device
 
     if runtime.precision not in PRECISIONS:
-        raise ConfigError(f"{where}: runtime.precision must be one of {', '.join(PRECISIONS)}, got "
+        raise ConfigError(f"{where}: {prefix}precision must be one of {', '.join(PRECISIONS)}, got "
                           f"{runtime.precision!r}")
     try:
         parse_device(runtime.device)
     except DeviceError as e:
-        raise ConfigError(f"{where}: runtime.{e}") from None
+        raise ConfigError(f"{where}: {prefix}{e}") from None
 
 
 def identity_dict(config: dict) -> dict:

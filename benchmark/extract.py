@@ -185,10 +185,12 @@ def extract_features(upstream: Upstream, utts: Sequence[Utterance], audio_root: 
         raise DataError(f"duplicate utterance id {dup!r}: ids must be unique")
     _claim_output(out_dir, upstream_description(upstream, dtype, runtime.precision))
     pending = [i for i, n in enumerate(names) if not (out_dir / f"{n}.safetensors").is_file()]
+    if runtime.dist.enabled:  # rank 0's list, taken before any rank writes
+        pending = all_gather_objects(pending)[0]
     skipped = len(utts) - len(pending)
     if skipped:
         log.info("%s: %d of %d utterances already extracted; resuming", out_dir, skipped, len(utts))
-    if runtime.dist.enabled:  # this rank's share: dealt in duration order, so every rank gets as much audio
+    if runtime.dist.enabled:  # this rank's share, dealt in duration order so every rank gets as much audio
         pending = sorted(pending, key=lambda i: utts[i].duration_s)[runtime.dist.rank::runtime.dist.world_size]
     batches = [[pending[j] for j in b] for b in bucket_by_duration([utts[i].duration_s for i in pending], max_batch_s)]
     sr, torch_dtype = upstream.sample_rate, DTYPES[dtype]

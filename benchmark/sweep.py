@@ -171,7 +171,7 @@ def _normalise(sweep: SweepConfig, default_name: str, where: str) -> SweepConfig
         raise ConfigError(f"{where}: executor must be one of {', '.join(EXECUTORS)}, got {sweep.executor!r}")
     if sweep.cache is not None and sweep.cache not in CACHE_MODES:
         raise ConfigError(f"{where}: cache must be one of {', '.join(CACHE_MODES)}, got {sweep.cache!r}")
-    check_runtime(RuntimeConfig(sweep.device or "auto", sweep.precision or "fp32"), where)
+    check_runtime(RuntimeConfig(sweep.device or "auto", sweep.precision or "fp32"), where, prefix="")
     if sweep.jobs < 1:
         raise ConfigError(f"{where}: jobs must be at least 1, got {sweep.jobs}")
     if any(lr <= 0 for lr in sweep.lrs):

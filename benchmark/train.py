@@ -195,9 +195,11 @@ def _wrap(model: DownstreamModel, runtime: Runtime) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    # parameters a head leaves unused (the layer weights of a single-layer upstream or of --layer) get no gradient
+    # the layer weights get no gradient when there is one layer or one probed layer (--layer): DDP must then look for
+    # unused parameters at every step, which it otherwise need not (and warns about)
+    unused = model.featurizer.layer is not None or model.featurizer.num_layers == 1
     return DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
-                                   find_unused_parameters=True)
+                                   find_unused_parameters=unused)
 
 
 def train(model: DownstreamModel, task: Task, cfg: RunConfig, train_source, train_targets: Any,

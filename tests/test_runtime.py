@@ -62,10 +62,12 @@ def test_cuda_without_cuda_is_a_one_line_user_error(command, monkeypatch, capsys
 
 
 def test_precisions_and_autocast():
-    for p in ("fp32", "bf16", "fp16"):
+    for p in ("fp32", "bf16"):
         assert check_precision(p, torch.device("cpu")) == p
     with pytest.raises(DeviceError, match="fp32, bf16, fp16"):
         check_precision("int8", torch.device("cpu"))
+    with pytest.raises(DeviceError, match="fp16 is for CUDA devices"):
+        check_precision("fp16", torch.device("cpu"))
     x = torch.randn(4, 8)
     w = torch.nn.Linear(8, 3)
     with autocast(torch.device("cpu"), "fp32"):
@@ -166,3 +168,30 @@ def test_precision_is_a_recorded_deviation_and_the_device_is_not(synth_tiny):
 
 def test_run_config_defaults():
     assert RunConfig(task="ks").runtime == RuntimeConfig("auto", "fp32")
+
+
+def test_runs_record_device_precision_and_resources(tmp_path, synth_tiny, capsys):
+    """A bf16 run is another run (id, cache folder) with its precision in result.json and its fingerprint; every
+    run records where it computed, its wall time per phase and its peak memory."""
+    from speechbench.benchmark.cli import main
+
+    args = ["run", "--upstream", "apc-synth", "--task", "ks", "--out", str(tmp_path), "--json", "--device", "cpu",
+            "data.profile=tiny", "train.max_steps=4", "train.eval_every=2"]
+    assert main(args) == 0
+    (fp32,) = json.loads(capsys.readouterr().out)
+    assert main([*args, "--precision", "bf16"]) == 0
+    (bf16,) = json.loads(capsys.readouterr().out)
+    assert fp32["run_id"] != bf16["run_id"] and fp32["feature_cache"]["key"] != bf16["feature_cache"]["key"]
+    assert (fp32["runtime"]["precision"], bf16["runtime"]["precision"]) == ("fp32", "bf16")
+    assert bf16["feature_cache"]["precision"] == "bf16" and "bf16-autocast" in bf16["feature_cache"]["pooled"]
+    assert fp32["feature_cache"]["pooled"] == "float32 time-means of the float32 upstream output, stored at extraction"
+    assert any(d.startswith("precision bf16") for d in bf16["protocol"]["deviations"])
+    assert not any(d.startswith("precision") for d in fp32["protocol"]["deviations"])
+    assert bf16["cost"]["precision"] == "bf16" and fp32["cost"]["precision"] == "fp32"
+    runtime = fp32["runtime"]
+    assert (runtime["device"], runtime["world_size"], runtime["backend"], runtime["tf32"]) == ("cpu", 1, None, None)
+    assert runtime["torch"] == torch.__version__ and runtime["cuda"] == torch.version.cuda
+    resources = fp32["resources"]
+    assert set(resources["phases_s"]) == {"data", "cache", "train", "test"}
+    assert all(v >= 0 for v in resources["phases_s"].values()) and resources["peak_rss_mb"] > 50
+    assert resources["cuda_peak_allocated_mb"] is None

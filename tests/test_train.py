@@ -152,7 +152,10 @@ def test_weighted_resample_is_seeded_by_seed_and_step():
     not torch.cuda.is_available(), reason="no CUDA device"))])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_training_learns_and_resumes_exactly(tmp_path, device, precision):
-    """Autocast for the head (and a grad scaler, checkpointed, for fp16) on the device; resume stays exact."""
+    """Autocast for the head (and a grad scaler, checkpointed, for fp16) on the device; resume stays exact.
+
+    (Commands refuse fp16 on the CPU, for the upstreams' sake; the loop's scaler logic is the same on every device,
+    so it is tested here on the CPU too.)"""
     runtime = Runtime(torch.device(device), precision)
     model, state = _run(tmp_path / "full", runtime=runtime, max_steps=40)
     assert next(model.parameters()).device.type == device

@@ -293,8 +293,7 @@ def pretrain(objective: Objective, source: AudioSource, optim: PretrainOptim, tr
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=True)
+        net = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
         if not resuming:
             torch.manual_seed(train.seed + 7919 * dist.rank)  # each rank its own masks and negatives
 
