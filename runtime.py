@@ -196,6 +196,43 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
+_LOW_PRECISION_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+@contextlib.contextmanager
+def low_precision_weights(module: Any, precision: str) -> Iterator[None]:
+    """For a frozen module's forward under :func:`autocast`: the weights and biases of its linear and convolution
+    layers are swapped for copies in the autocast dtype, made once and kept with the module.
+
+    Autocast casts exactly these tensors to that dtype at every call (it caches only tensors that require grad), so
+    the outputs are bitwise the same, minus a cast of every weight at every forward (about 10 % of a bf16 forward of
+    a Base HuBERT on a CPU). A module with trainable parameters, or fp32, is left alone."""
+    if precision == "fp32" or not isinstance(module, torch.nn.Module) or \
+            any(p.requires_grad for p in module.parameters()):
+        yield
+        return
+    from torch.nn.utils import parametrize
+
+    dtype = AUTOCAST_DTYPES[precision]
+    cache = module.__dict__.setdefault("_speechbench_low_precision", {})
+    swaps = cache.get(dtype)
+    if swaps is None or any(copy.device != param.device for param, copy in swaps):
+        with torch.inference_mode(False):  # copies that may become a parameter's data outside inference mode
+            swaps = cache[dtype] = [
+                (param, param.detach().to(dtype)) for layer in module.modules()
+                if isinstance(layer, _LOW_PRECISION_LAYERS) and not parametrize.is_parametrized(layer)
+                for param in (layer._parameters.get("weight"), layer._parameters.get("bias"))
+                if param is not None and param.dtype == torch.float32]
+    originals = [param.data for param, _ in swaps]
+    try:
+        for param, copy in swaps:
+            param.data = copy
+        yield
+    finally:
+        for (param, _), original in zip(swaps, originals, strict=True):
+            param.data = original
+
+
 def machine_name() -> str:
     """A short description of this machine's processor (model name from /proc/cpuinfo where available)."""
     try:

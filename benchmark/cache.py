@@ -61,7 +61,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from speechbench.benchmark.features import upstream_hidden
+from speechbench.benchmark.features import extraction_batch_s, upstream_hidden
 from speechbench.common import SpeechbenchError, atomic_path, atomic_write_text, sha256_file
 from speechbench.common import cache_root as common_cache_root
 from speechbench.downstreams.data import DataError, Utterance, bucket_by_duration, resolve_audio_path
@@ -379,7 +379,7 @@ class FeatureStore:
         return extracted
 
     def ensure(self, upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None, granularity: str,
-               max_batch_s: float = 160.0, desc: str = "", runtime: Runtime | None = None) -> SplitFeatures:
+               max_batch_s: float | None = None, desc: str = "", runtime: Runtime | None = None) -> SplitFeatures:
         """The features of ``utts`` (in their order), extracting only those not in the cache yet, on the runtime's
         device and precision (the store's precision: :meth:`open`).
 
@@ -389,6 +389,7 @@ class FeatureStore:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         runtime = runtime or Runtime()
+        max_batch_s = extraction_batch_s(runtime.device) if max_batch_s is None else max_batch_s
         mode = audio_key_mode()
         keys = [utterance_key(u, audio_root, upstream.sample_rate, mode) for u in utts]
         self.refresh()

@@ -30,7 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from speechbench.common import atomic_write_text, cache_root, sha256_text
-from speechbench.runtime import PRECISIONS, autocast, machine_name
+from speechbench.runtime import PRECISIONS, autocast, low_precision_weights, machine_name
 from speechbench.upstreams.base import describe_upstream
 
 log = logging.getLogger("speechbench")
@@ -93,7 +93,7 @@ def measure_cost(upstream, seconds: float = 10.0, device: str | torch.device = "
     wavs, lengths = wavs.to(device), torch.tensor([samples], device=device)
 
     def forward(in_precision: str) -> None:
-        with torch.inference_mode(), autocast(device, in_precision):
+        with torch.inference_mode(), autocast(device, in_precision), low_precision_weights(upstream, in_precision):
             upstream(wavs, lengths)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -15,8 +15,8 @@ against ``--audio-root``, else the row's own ``audio_root`` (the manifests of a 
 of the manifest's folder and its parents where the first file exists).
 
 Batches are length-bucketed and capped by total padded audio seconds; the default cap is the device's batch policy
-(:data:`BATCH_POLICY_S`, chosen by measurement: see its comment). The upstream runs on the runtime's device and
-precision (``--device``, ``--precision``); under torchrun each rank extracts its share of the files (dealt by
+(:data:`speechbench.benchmark.features.BATCH_POLICY_S`, chosen by measurement). The upstream runs on the runtime's
+device and precision (``--device``, ``--precision``); under torchrun each rank extracts its share of the files (dealt by
 duration) and rank 0 writes the index once all are written. Every file is written to a temporary name and
 renamed, so an existing file is complete: an interrupted run resumes by skipping them. Ids are made file-safe by
 percent-encoding every character outside ``[A-Za-z0-9-_.,+=@]`` (so ``/`` becomes ``%2F`` and distinct ids stay
@@ -41,7 +41,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import save_file
 
-from speechbench.benchmark.features import upstream_forward
+from speechbench.benchmark.features import extraction_batch_s, upstream_forward
 from speechbench.common import atomic_path, atomic_write_text
 from speechbench.downstreams.data import (
     DataError,
@@ -61,17 +61,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _SAFE_CHARS = frozenset(string.ascii_letters + string.digits + "-_.,+=@")
 MAX_NAME = 180
 FORMAT = "speechbench-features-v1"
-# Padded audio seconds per batch, by device type (tests/benchmarks/bench_extract.py measures the choice). On a CPU the
-# forward of a batch costs its padded length, and batching buys no parallelism that one utterance's matrices do not
-# already give the cores: small length buckets (little padding, short attention) are fastest. A GPU needs big
-# batches to fill its cores.
-BATCH_POLICY_S = {"cpu": 16.0, "cuda": 160.0}
-
-
-def default_max_batch_s(device: torch.device) -> float:
-    return BATCH_POLICY_S.get(device.type, BATCH_POLICY_S["cpu"])
-
-
 def safe_file_name(utterance_id: str) -> str:
     """A file-system-safe, injective name for an utterance id (percent-encoding; long ids hashed)."""
     name = "".join(c if c in _SAFE_CHARS else "".join(f"%{b:02X}" for b in c.encode("utf-8"))
@@ -169,14 +158,14 @@ def extract_features(upstream: Upstream, utts: Sequence[Utterance], audio_root: 
     """Run the frozen upstream over ``utts`` and write ``OUT/<id>.safetensors`` (``[L, T, D]``) per utterance.
 
     Already complete files are skipped. Audio loading and file writing overlap the forward passes (threads).
-    ``max_batch_s``: padded audio seconds per batch (default: :func:`default_max_batch_s` of the device).
+    ``max_batch_s``: padded audio seconds per batch (default: the device's :func:`extraction_batch_s`).
     ``runtime``: device, precision, torchrun place (default: one CPU process, fp32). Under torchrun each rank
     writes its share and the summary counts every rank's work.
     """
     if dtype not in DTYPES:
         raise DataError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     runtime = runtime or Runtime()
-    max_batch_s = default_max_batch_s(runtime.device) if max_batch_s is None else max_batch_s
+    max_batch_s = extraction_batch_s(runtime.device) if max_batch_s is None else max_batch_s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [safe_file_name(u.id) for u in utts]

@@ -18,10 +18,21 @@ import numpy as np
 import torch
 
 from speechbench.downstreams.data import Utterance, collate_audio, load_utterance_audio
-from speechbench.runtime import Runtime
+from speechbench.runtime import Runtime, low_precision_weights
 from speechbench.upstreams.base import Upstream
 
 log = logging.getLogger("speechbench")
+
+# Padded audio seconds per extraction batch (bench extract, the feature cache), by device type; measured with
+# tests/benchmarks/bench_extract.py. On a CPU a batch costs its padded length, and batching buys no parallelism
+# that one utterance's matrix products do not already give the cores: small length buckets (short clips together,
+# long utterances alone) are fastest. A GPU needs big batches to fill its cores.
+BATCH_POLICY_S = {"cpu": 16.0, "cuda": 160.0}
+
+
+def extraction_batch_s(device: torch.device | None = None) -> float:
+    """The batch policy of ``device``: padded audio seconds per extraction batch (:data:`BATCH_POLICY_S`)."""
+    return BATCH_POLICY_S.get(device.type if device is not None else "cpu", BATCH_POLICY_S["cpu"])
 
 
 def load_waves(utts: Sequence[Utterance], audio_root: Path | None, sample_rate: int, crop_s: float | None = None,
@@ -46,7 +57,7 @@ def upstream_forward(upstream: Upstream, waves: Sequence[np.ndarray], runtime: R
     """
     runtime = runtime or Runtime()
     wavs, wav_lengths = collate_audio(waves)
-    with runtime.autocast():
+    with runtime.autocast(), low_precision_weights(upstream, runtime.precision):
         out = upstream(wavs.to(runtime.device, non_blocking=True), wav_lengths.to(runtime.device))
     hidden = out.hidden if torch.is_tensor(out.hidden) else torch.stack(list(out.hidden), dim=1)
     return hidden, out.lengths.to(hidden.device)

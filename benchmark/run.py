@@ -211,8 +211,7 @@ class FeatureSet:
                                                        runtime)
                 continue
             t0 = time.perf_counter()
-            cached = store.ensure(upstream, utts, prepared.audio_root, self.mode, cfg.train.max_batch_s, split,
-                                  runtime)
+            cached = store.ensure(upstream, utts, prepared.audio_root, self.mode, desc=split, runtime=runtime)
             self.cache_record["splits"][split] = cached.stats.record(self.mode)
             if self.pooled:
                 self.sources[split] = PooledFeatures(cached.pooled().to(runtime.device))

@@ -195,3 +195,25 @@ def test_runs_record_device_precision_and_resources(tmp_path, synth_tiny, capsys
     assert set(resources["phases_s"]) == {"data", "cache", "train", "test"}
     assert all(v >= 0 for v in resources["phases_s"].values()) and resources["peak_rss_mb"] > 50
     assert resources["cuda_peak_allocated_mb"] is None
+
+
+def test_low_precision_weights_give_autocasts_outputs_bitwise_and_restore_the_weights():
+    from helpers import padded_batch, tiny_hf_model
+
+    from speechbench.runtime import low_precision_weights
+    from speechbench.upstreams.hf import HFUpstream
+
+    up = HFUpstream(tiny_hf_model("hubert", large=False, seed=3), "t", "hubert", normalize=False)
+    before = {k: v.clone() for k, v in up.state_dict().items()}
+    wavs, lengths = padded_batch([6400, 4100])
+    with torch.inference_mode(), autocast(torch.device("cpu"), "bf16"):
+        plain = up(wavs, lengths).hidden
+        for _ in range(2):  # the second time from the copies made the first time
+            with low_precision_weights(up, "bf16"):
+                assert up.model.encoder.layers[0].attention.q_proj.weight.dtype == torch.bfloat16
+                swapped = up(wavs, lengths).hidden
+            assert torch.equal(swapped, plain)
+    assert all(torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in up.state_dict().items())
+    head = torch.nn.Linear(4, 2)  # trainable: never swapped
+    with low_precision_weights(head, "bf16"):
+        assert head.weight.dtype == torch.float32

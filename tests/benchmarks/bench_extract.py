@@ -75,7 +75,8 @@ def main() -> None:
 
     from transformers import HubertConfig, HubertModel
 
-    from speechbench.benchmark.extract import BATCH_POLICY_S, extract_features, load_inputs
+    from speechbench.benchmark.extract import extract_features, load_inputs
+    from speechbench.benchmark.features import BATCH_POLICY_S
     from speechbench.upstreams.hf import HFUpstream
 
     torch.manual_seed(0)
