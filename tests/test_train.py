@@ -53,6 +53,21 @@ def _run(tmp, on_checkpoint=None, weighted: bool = False, max_steps: int = 60, b
     return model, state
 
 
+def _assert_resumes_exactly(cut, model, state, **run_options) -> None:
+    """A run interrupted after its checkpoint at step 20, then resumed, ends exactly as ``model``/``state``."""
+
+    def stop_at_20(step):
+        if step == 20:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _run(cut, on_checkpoint=stop_at_20, **run_options)
+    resumed, resumed_state = _run(cut, **run_options)
+    assert resumed_state.history == state.history
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_training_learns_and_keeps_best(tmp_path):
     model, state = _run(tmp_path)
     assert state.step == 60 and len(state.history) == 6
@@ -128,16 +143,7 @@ def test_weighted_training_selects_on_a_resampled_dev_set_and_resumes_exactly(tm
     assert state.best_dev == max(h["dev_accuracy"] for h in state.history)
     assert any(h["dev_accuracy"] != h["dev_accuracy_all"] for h in state.history)  # a resample, not the dev set
 
-    def stop_at_20(step):
-        if step == 20:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        _run(tmp_path / "cut", on_checkpoint=stop_at_20, weighted=True, max_steps=40)
-    resumed, resumed_state = _run(tmp_path / "cut", weighted=True, max_steps=40)
-    assert resumed_state.history == state.history
-    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
+    _assert_resumes_exactly(tmp_path / "cut", model, state, weighted=True, max_steps=40)
 
 
 def test_weighted_resample_is_seeded_by_seed_and_step():
@@ -163,13 +169,4 @@ def test_mixed_precision_training_learns_and_resumes_exactly(tmp_path, device, p
     ckpt = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     assert ("scaler" in ckpt) == (precision == "fp16") and ("cuda_rng" in ckpt) == (device == "cuda")
 
-    def stop_at_20(step):
-        if step == 20:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        _run(tmp_path / "cut", on_checkpoint=stop_at_20, runtime=runtime, max_steps=40)
-    resumed, resumed_state = _run(tmp_path / "cut", runtime=runtime, max_steps=40)
-    assert resumed_state.history == state.history
-    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
+    _assert_resumes_exactly(tmp_path / "cut", model, state, runtime=runtime, max_steps=40)
