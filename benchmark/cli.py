@@ -430,10 +430,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     from speechbench.benchmark.rerun import format_rerun, rerun
+    from speechbench.runtime import dist_env
 
     _set_threads()
     outcome = rerun(args.result, out_dir=args.out, trust_checkpoint=args.trust_checkpoint, resamples=args.resamples,
                     device=args.device)
+    if dist_env().rank:  # under torchrun, rank 0 prints
+        return 0
     if args.json:
         _print_json(outcome)
     else:

@@ -260,7 +260,9 @@ def train(model: DownstreamModel, task: Task, cfg: RunConfig, train_source, trai
             share = (part.stop - part.start) / len(batch)
             if share == 0:  # more ranks than utterances: join the all-reduce with one utterance, weighted 0
                 part = slice(0, 1)
-            hidden, lengths = to_device(train_source.get(batch, draw=draw, part=part), device)
+            # one process asks for the whole batch (a source needs no ``part`` argument unless it runs under torchrun)
+            got = train_source.get(batch, draw=draw, part=part) if dist.enabled else train_source.get(batch, draw=draw)
+            hidden, lengths = to_device(got, device)
             targets = to_device(take(train_targets, batch[part]), device)
             sync = k == tc.grad_accum - 1 or not dist.enabled
             with contextlib.nullcontext() if sync else net.no_sync(), runtime.autocast():

@@ -105,9 +105,11 @@ def test_torchrun_run_matches_one_process(tmp_path, synth_tiny, capsys):
     assert one["runtime"]["world_size"] == 1 and one["runtime"]["device"] == "cpu"
     assert two["value"] == one["value"] and two["best_step"] == one["best_step"]
     assert two["layer_weights"] == pytest.approx(one["layer_weights"], rel=1e-4)
-    # each rank extracted its share, none twice, and no rank read a half-built cache
+    # each rank extracted its share (its own shard per split), none twice, and no rank read a half-built cache
     for split, stats in two["feature_cache"]["splits"].items():
         assert stats["extracted"] == stats["utterances"] == one["feature_cache"]["splits"][split]["extracted"], split
+    shards = {n: len(list((tmp_path / f"cache{n}" / "features").rglob("shards/*.json"))) for n in (1, 2)}
+    assert shards == {1: 3, 2: 6}  # train, dev, test: one chunk each, by one process or by each of two
     best = [torch.load(next((tmp_path / f"out{n}").rglob("best.pt")), weights_only=True) for n in (1, 2)]
     for key, value in best[0].items():
         torch.testing.assert_close(best[1][key], value, rtol=1e-4, atol=1e-5)
