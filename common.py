@@ -196,7 +196,8 @@ def usable_cpus() -> int:
 
 
 def default_threads() -> int:
-    """Torch intra-op threads: ``$SPEECHBENCH_THREADS``, else :func:`usable_cpus`."""
+    """Torch intra-op threads: ``$SPEECHBENCH_THREADS``, else :func:`usable_cpus` shared among the processes that
+    torchrun starts on this node (``LOCAL_WORLD_SIZE``), so that N processes do not fight over the cores."""
     value = os.environ.get("SPEECHBENCH_THREADS")
     if value:
         try:
@@ -206,4 +207,8 @@ def default_threads() -> int:
         if threads < 1:
             raise SpeechbenchError(f"SPEECHBENCH_THREADS={value!r}: expected a positive integer")
         return threads
-    return usable_cpus()
+    try:
+        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    except ValueError:
+        local_processes = 1
+    return max(1, usable_cpus() // local_processes)

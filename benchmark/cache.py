@@ -3,7 +3,8 @@
 **Keys.** One entry per utterance, found by
 - the upstream: :func:`upstream_identity` (``describe_upstream()``: name, declared sizes, family, checkpoint format
   and sha256, settings; plus the run's upstream label when there is no checkpoint sha256 to tell two weight sets
-  apart) and the precision (``fp32`` today) -> one directory per upstream;
+  apart) and the precision the upstream ran in (``fp32``, ``bf16`` or ``fp16`` autocast) -> one directory per
+  upstream and precision;
 - the audio: its resolved path, size and modification time (or, with ``SPEECHBENCH_CACHE_KEY=content``, the sha256
   of its bytes), plus the crop (offset and length in samples) for a row that is a crop of a longer file
   (``offset_s``: KS silence crops) -> :func:`utterance_key`.
@@ -15,7 +16,7 @@ their entries, and only what is missing goes through the upstream (in length buc
   (linear -> mean -> linear), see ``downstreams.heads.UtteranceLevelHead``;
 - ``frames``: every valid frame, ``[T, L, D]`` float16, for frame-level heads (PR, ASR, ASV, SID with crops), plus
   the same float32 time-mean ``[L, D]``. A pooled request is served by either kind and always gets the float32 mean
-  computed from the upstream's float32 output at extraction, never a mean of float16 frames.
+  computed from the upstream's output at extraction, never a mean of float16 frames.
 
 **Layout** (``<cache>/features/v2/<upstream key>/``)::
 
@@ -33,9 +34,11 @@ depends on database locking over a network file system (where caches of clusters
 file per shard (a few KB per 256 utterances) read at start-up; shard tensors are read only for the rows a split
 uses (frames memory-mapped).
 
-**Concurrency.** Two processes that need the same utterances (two runs, the ranks of a torchrun job, the jobs of a
-sweep) split the missing ones into the same chunks and take a lock per chunk: each chunk is extracted by one process
-while the other takes the next free chunk, then finds the rest already written. Whatever happens, a shard is never
+**Concurrency.** Two processes that need the same utterances (two runs, the jobs of a sweep) split the missing ones
+into the same chunks and take a lock per chunk: each chunk is extracted by one process while the other takes the
+next free chunk, then finds the rest already written. The ranks of a torchrun job share the work out instead: each
+extracts its share of a split (dealt by duration), they wait for each other, then each looks up the whole split,
+which is then complete (:meth:`FeatureStore.ensure`). Whatever happens, a shard is never
 written twice under one name and never read half-written. Shards whose size or sha256 do not match their sidecar
 (truncated, corrupted) are deleted and their utterances extracted again.
 """
@@ -57,12 +60,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
-from speechbench.benchmark.features import upstream_hidden
+from speechbench.benchmark.features import extraction_batch_s, upstream_hidden
 from speechbench.common import SpeechbenchError, atomic_path, atomic_write_text, sha256_file
 from speechbench.common import cache_root as common_cache_root
 from speechbench.downstreams.data import DataError, Utterance, bucket_by_duration, resolve_audio_path, row_reference
+from speechbench.runtime import PRECISIONS, Progress, Runtime, all_gather_objects
 from speechbench.upstreams.base import Upstream, describe_upstream
 
 try:
@@ -75,10 +78,17 @@ log = logging.getLogger("speechbench")
 CACHE_VERSION = 2
 SHARD_UTTERANCES = 256
 GRANULARITIES = ("pooled", "frames")
-PRECISIONS = ("fp32",)
 SHARD_FORMAT = "speechbench-feature-shard-v2"
 AUDIO_KEY_MODES = ("path", "content")
-POOLED_SOURCE = "float32 time-means of the float32 upstream output, stored at extraction"
+PRECISION_WORDS = {"fp32": "float32", "bf16": "bf16-autocast", "fp16": "fp16-autocast"}
+
+
+def pooled_source(precision: str) -> str:
+    """What pooled features are (``result.json``'s ``feature_cache.pooled``)."""
+    return f"float32 time-means of the {PRECISION_WORDS[precision]} upstream output, stored at extraction"
+
+
+POOLED_SOURCE = pooled_source("fp32")
 
 
 def cache_root() -> Path:
@@ -163,8 +173,9 @@ def estimate_frames_bytes(utts: Sequence[Utterance], upstream: Upstream) -> int:
 # ------------------------------------------------------------------------------------------------------ extraction
 
 def extract_chunk(upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None, granularity: str,
-                  max_batch_s: float) -> dict[str, torch.Tensor]:
-    """Run the upstream over one chunk of utterances, in length buckets; keep the chunk's order in the output.
+                  max_batch_s: float, runtime: Runtime | None = None) -> dict[str, torch.Tensor]:
+    """Run the upstream over one chunk of utterances, in length buckets, on the runtime's device and precision; keep
+    the chunk's order in the output (on the CPU).
 
     ``pooled [N, L, D]`` float32 always; with ``granularity="frames"`` also ``frames [sum T, L, D]`` float16 and
     ``offsets [N + 1]``. Everything stays in inference mode (the tensors go to disk, never into autograd), and each
@@ -174,12 +185,12 @@ def extract_chunk(upstream: Upstream, utts: Sequence[Utterance], audio_root: Pat
     frames: list[torch.Tensor | None] = [None] * len(utts)
     with torch.inference_mode():
         for batch in bucket_by_duration([u.duration_s for u in utts], max_batch_s):
-            hidden, lengths = upstream_hidden(upstream, [utts[i] for i in batch], audio_root)
+            hidden, lengths = upstream_hidden(upstream, [utts[i] for i in batch], audio_root, runtime=runtime)
             for j, (i, n) in enumerate(zip(batch, lengths.tolist(), strict=True)):
                 pooled[i] = hidden[j, :, :n].float().mean(dim=1)  # [L, D]: time-mean of the valid frames
                 if granularity == "frames":
-                    frames[i] = hidden[j, :, :n].permute(1, 0, 2).to(torch.float16)  # [T, L, D]
-        out = {"pooled": torch.stack(pooled)}
+                    frames[i] = hidden[j, :, :n].permute(1, 0, 2).to(torch.float16).cpu()  # [T, L, D]
+        out = {"pooled": torch.stack(pooled).cpu()}
         if granularity == "frames":
             lengths = torch.tensor([f.shape[0] for f in frames], dtype=torch.long)
             offsets = torch.zeros(len(frames) + 1, dtype=torch.long)
@@ -344,14 +355,14 @@ class FeatureStore:
         return name
 
     def _extract_missing(self, upstream: Upstream, todo: list[tuple[str, Utterance]], audio_root: Path | None,
-                         granularity: str, max_batch_s: float, desc: str) -> set[str]:
+                         granularity: str, max_batch_s: float, desc: str, runtime: Runtime) -> set[str]:
         """Extract the missing utterances chunk by chunk, one process per chunk (see the module docstring); return
         the keys this process extracted."""
         chunks = [todo[i: i + SHARD_UTTERANCES] for i in range(0, len(todo), SHARD_UTTERANCES)]
         names = [hashlib.sha256("".join(k for k, _ in c).encode()).hexdigest()[:24] for c in chunks]
         locks = [self.directory / "locks" / f"{granularity}-{name}.lock" for name in names]
         pending, extracted = list(range(len(chunks))), set()
-        bar = tqdm(total=len(todo), desc=f"cache {desc}", unit="utt", disable=None, leave=False)
+        bar = Progress(len(todo), f"feature cache {desc}".rstrip(), "utt")
         while pending:
             progressed = False
             for c in list(pending):
@@ -362,7 +373,7 @@ class FeatureStore:
                     missing = [(k, u) for k, u in chunks[c] if self._candidate(k, granularity) is None]
                     if missing:
                         tensors = extract_chunk(upstream, [u for _, u in missing], audio_root, granularity,
-                                                max_batch_s)
+                                                max_batch_s, runtime)
                         self._write_shard(tensors, [k for k, _ in missing], granularity)
                         self.refresh()
                         extracted.update(k for k, _ in missing)
@@ -376,23 +387,29 @@ class FeatureStore:
         return extracted
 
     def ensure(self, upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None, granularity: str,
-               max_batch_s: float = 160.0, desc: str = "") -> SplitFeatures:
-        """The features of ``utts`` (in their order), extracting only those not in the cache yet."""
+               max_batch_s: float | None = None, desc: str = "", runtime: Runtime | None = None) -> SplitFeatures:
+        """The features of ``utts`` (in their order), extracting only those not in the cache yet, on the runtime's
+        device and precision (the store's precision: :meth:`open`).
+
+        Under torchrun every rank of the job calls it with the same utterances: each first extracts its share (the
+        utterances sorted by duration, dealt round-robin), all wait for each other, then each looks up the whole
+        split, which no rank reads before every share is written."""
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        runtime = runtime or Runtime()
+        max_batch_s = extraction_batch_s(runtime.device) if max_batch_s is None else max_batch_s
         mode = audio_key_mode()
         keys = [utterance_key(u, audio_root, upstream.sample_rate, mode) for u in utts]
-        extracted: set[str] = set()
         self.refresh()
-        for attempt in range(4):  # a shard found damaged on lookup sends its utterances back to extraction
-            entries = self.lookup(keys, granularity)
-            todo = list({k: u for k, u, e in zip(keys, utts, entries, strict=True) if e is None}.items())
-            if not todo:
-                break
-            if attempt == 3:
-                raise SpeechbenchError(f"feature cache {self.directory}: shards keep failing their checksum; "
-                                       "is the disk full or failing?")
-            extracted |= self._extract_missing(upstream, todo, audio_root, granularity, max_batch_s, desc)
+        extracted: set[str] = set()
+        if runtime.dist.enabled:
+            order = sorted(range(len(utts)), key=lambda i: utts[i].duration_s)[runtime.dist.rank::
+                                                                                runtime.dist.world_size]
+            _, mine = self._ensure_keys(upstream, [keys[i] for i in order], [utts[i] for i in order], audio_root,
+                                        granularity, max_batch_s, desc, runtime)
+            extracted = set().union(*all_gather_objects(sorted(mine)))  # also waits for every rank's share
+        entries, rest = self._ensure_keys(upstream, keys, utts, audio_root, granularity, max_batch_s, desc, runtime)
+        extracted |= rest
         stats = SplitStats(len(utts), len(extracted), sum(1 for k in keys if k not in extracted),
                            sum(1 for e in entries if e.kind == "frames") if granularity == "pooled" else 0)
         for shard in {e.shard for e in entries} - self._touched:  # last use, for `bench cache prune --older-than`
@@ -403,6 +420,22 @@ class FeatureStore:
                  len(utts), stats.extracted, stats.reused, self.directory.name[:12],
                  extra={"feature_cache_stats": stats})  # structured, for counters (bench sweep): not the text
         return SplitFeatures(self, entries, stats)
+
+    def _ensure_keys(self, upstream: Upstream, keys: Sequence[str], utts: Sequence[Utterance],
+                     audio_root: Path | None, granularity: str, max_batch_s: float, desc: str, runtime: Runtime,
+                     ) -> tuple[list[Entry], set[str]]:
+        """The entries of ``keys`` once every missing one is extracted, and the keys this call extracted."""
+        extracted: set[str] = set()
+        for attempt in range(4):  # a shard found damaged on lookup sends its utterances back to extraction
+            entries = self.lookup(keys, granularity)
+            todo = list({k: u for k, u, e in zip(keys, utts, entries, strict=True) if e is None}.items())
+            if not todo:
+                return entries, extracted
+            if attempt == 3:
+                raise SpeechbenchError(f"feature cache {self.directory}: shards keep failing their checksum; "
+                                       "is the disk full or failing?")
+            extracted |= self._extract_missing(upstream, todo, audio_root, granularity, max_batch_s, desc, runtime)
+        raise AssertionError("unreachable")
 
 
 @dataclass
@@ -424,22 +457,24 @@ class SplitFeatures:
                 by_shard[shard] = f.get_tensor("pooled")
         return torch.stack([by_shard[e.shard][e.row] for e in self.entries])
 
-    def frames(self, frame_rate: float) -> CachedFrames:
+    def frames(self, frame_rate: float, device: torch.device | None = None) -> CachedFrames:
         shards = list(dict.fromkeys(e.shard for e in self.entries))
         index = {s: i for i, s in enumerate(shards)}
         return CachedFrames([self._shard_path(s) for s in shards], [(index[e.shard], e.row) for e in self.entries],
-                            frame_rate)
+                            frame_rate, device=device)
 
 
 class CachedFrames:
-    """Frame-level features read from memory-mapped shards: ``get(indices) -> ([B, L, T, D] float32, lengths [B])``.
+    """Frame-level features read from memory-mapped shards: ``get(indices) -> ([B, L, T, D] float32, lengths [B])``
+    on ``device`` (padded as float16 on the CPU, moved, then widened: half the bytes cross to a GPU).
 
     ``rows[i] = (shard index, row in that shard)`` of utterance ``i``. With ``crop_frames``, utterances longer than
     that are cut to a random window (seeded by ``(seed, draw)``).
     """
 
     def __init__(self, shards: Sequence[Path], rows: Sequence[tuple[int, int]], frame_rate: float,
-                 crop_frames: int | None = None, seed: int = 0):
+                 crop_frames: int | None = None, seed: int = 0, device: torch.device | None = None):
+        self.device = device or torch.device("cpu")
         self.frame_rate = frame_rate  # frames per second, to report durations for length bucketing
         self._files = [safe_open(str(s), framework="pt") for s in shards]
         offsets = [f.get_tensor("offsets") for f in self._files]
@@ -465,16 +500,26 @@ class CachedFrames:
         shard, start, end = self._spans[index]
         return self._frames[shard][start:end]  # [T, L, D] float16
 
-    def get(self, indices: Sequence[int], draw: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [self._utterance(i) for i in indices]
-        if self.crop_frames:
+    def get(self, indices: Sequence[int], draw: int = 0, part: slice | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames of ``indices[part]`` (all of them without ``part``), cropped as the whole of ``indices``."""
+        part = part or slice(None)
+        if self.crop_frames:  # crop offsets drawn over the whole micro-batch, in its order (a torchrun rank's part)
             rng = np.random.default_rng([self.seed, draw])
-            items = [x if x.shape[0] <= self.crop_frames else
-                     x[(o := int(rng.integers(0, x.shape[0] - self.crop_frames + 1))): o + self.crop_frames]
-                     for x in items]
+            spans = []
+            for i in indices:
+                shard, start, end = self._spans[i]
+                if end - start > self.crop_frames:
+                    start += int(rng.integers(0, end - start - self.crop_frames + 1))
+                    end = start + self.crop_frames
+                spans.append((shard, start, end))
+            items = [self._frames[shard][start:end] for shard, start, end in spans[part]]
+        else:
+            items = [self._utterance(i) for i in list(indices)[part]]
         lengths = torch.tensor([x.shape[0] for x in items], dtype=torch.long)
         _, num_layers, d = items[0].shape
-        out = torch.zeros(len(items), int(lengths.max()), num_layers, d)
+        out = torch.zeros(len(items), int(lengths.max()), num_layers, d, dtype=torch.float16)
         for j, x in enumerate(items):
-            out[j, : x.shape[0]] = x.float()
-        return out.permute(0, 2, 1, 3), lengths  # [B, L, T, D]
+            out[j, : x.shape[0]] = x
+        out = out.to(self.device, non_blocking=True).float()
+        return out.permute(0, 2, 1, 3), lengths.to(self.device)  # [B, L, T, D]

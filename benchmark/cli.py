@@ -21,6 +21,8 @@ EPILOG_RUN = """examples:
   bench run --upstream fbank --task ks --lr 1e-2,1e-3,1e-4     # learning-rate search: best on dev, scored on test
   bench run --upstream fbank --task ks --data-root /data/speech_commands_v0.01   # real corpus, recipe superb/ks
   bench run --upstream fbank --task ks train.max_steps=500 optim.lr=1e-3         # recipe overrides
+  bench run --upstream hubert --task asr --device cuda --precision bf16          # one GPU, bf16 autocast
+  torchrun --nproc-per-node 4 -m speechbench run --upstream hubert --task asr    # 4 processes (DDP), one per GPU
 """
 
 
@@ -69,6 +71,15 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _add_runtime_options(p: argparse.ArgumentParser, what: str = "the upstream forward and the head") -> None:
+    from speechbench.runtime import DEVICE_HELP
+
+    p.add_argument("--device", help=f"where {what} compute: {DEVICE_HELP}; default: the recipe's runtime.device, "
+                                    "auto. Under torchrun, rank r uses cuda:LOCAL_RANK")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="fp32 (default), or bf16/fp16 through torch.autocast (fp16 training with a grad scaler)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench", description="SUPERB-style evaluation of frozen self-supervised speech representations.",
@@ -105,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results", help="results directory (default: results)")
     p.add_argument("--rerun", action="store_true", help="train again into a new run directory even when this "
                                                         "configuration already has a result.json")
+    _add_runtime_options(p)
     p.add_argument("--json", action="store_true", help="print the result rows as JSON on stdout")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
 
@@ -128,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, help="probe this single hidden state instead of the weighted sum")
     p.add_argument("--trust-checkpoint", action="store_true", default=None,
                    help="allow checkpoints that need full unpickling")
+    _add_runtime_options(p, "each job's upstream forward and heads")
     p.add_argument("--out", help="results directory (default: results)")
     p.add_argument("--name", help="sweep name: names the leaderboard and the Slurm jobs (default: the file's stem)")
     p.add_argument("--executor", choices=("local", "slurm"), help="where jobs run (default: local)")
@@ -181,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results directory for the new run (default: the original's results directory)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need full unpickling")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the original's interval")
+    p.add_argument("--device", help="where to compute (default: the device the run recorded in its config.yaml); "
+                                    "the precision is the recorded one")
     p.add_argument("--json", action="store_true", help="print the new result row and the check as JSON")
 
     p = sub.add_parser("extract", help="dump an upstream's layer-wise features, one safetensors file per utterance",
@@ -193,8 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio-root", help="root of a manifest's relative audio paths (default: each row's audio_root, "
                                         "else found from the manifest)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-    p.add_argument("--max-batch-s", type=float, default=160.0, help="cap on padded audio seconds per batch")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="how the features are stored (default float32)")
+    p.add_argument("--max-batch-s", type=float, help="cap on padded audio seconds per batch (default: the device's "
+                                                     "policy: 16 on the CPU, 160 on CUDA)")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="fp32 (default), or bf16/fp16 through torch.autocast")
 
     p = sub.add_parser("check-upstream", help="check that an upstream honours the contract (PASS/FAIL per check)",
                        description="Declared attributes, frame counts, batched vs one-at-a-time agreement, a 30 s "
@@ -219,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "the iteration-1 model given by --from")
     p.add_argument("--from", dest="teacher", metavar="DIR", help="HuBERT iteration 2: the iteration-1 upstream "
                                                                  "(OUT/upstream of the first run)")
+    _add_runtime_options(p, "the model and its objective")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
 
     p = sub.add_parser("cache", help="see and reclaim the feature cache: ls, du, prune",
@@ -274,8 +295,11 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _setup_logging(verbose: bool) -> None:
+    from speechbench.runtime import dist_env
+
     logger = logging.getLogger("speechbench")
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # under torchrun rank 0 tells the story; the other ranks only warn
+    logger.setLevel(logging.WARNING if dist_env().rank else logging.DEBUG if verbose else logging.INFO)
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -299,6 +323,7 @@ def _print_json(data) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from speechbench.benchmark.run import RunRequest, run
     from speechbench.downstreams.tasks import list_tasks
+    from speechbench.runtime import dist_env
 
     _set_threads()
 
@@ -308,9 +333,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         rows = run(RunRequest(upstream=args.upstream, task=task, recipe=args.recipe, data_root=args.data_root,
                               overrides=tuple(args.overrides), lrs=args.lr, seeds=args.seed, layer=args.layer,
                               cache=args.cache, fold=args.fold, out_dir=args.out, rerun=args.rerun,
-                              ckpt=args.ckpt, trust_checkpoint=args.trust_checkpoint))
+                              ckpt=args.ckpt, trust_checkpoint=args.trust_checkpoint, device=args.device,
+                              precision=args.precision))
         all_rows += rows
-        if args.json:
+        if args.json or dist_env().rank:  # one process prints: rank 0 of a torchrun job
             continue
         for row in rows:
             mark = "*" if row["selected"] else " "
@@ -323,7 +349,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             corpus = " (synthetic corpus: smoke benchmark, not a SUPERB number)" if m["corpus"] == "synth" else ""
             print(f"= {m['task']} mean over folds {','.join(map(str, m['folds']))} seed={m['seed']}: test "
                   f"{m['metric']} = {m['value']:.2f} {m['unit']}{corpus}")
-    if args.json:
+    if args.json and not dist_env().rank:
         _print_json(all_rows)
     return 0
 
@@ -360,7 +386,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(files[0] if files else None, overrides=tuple(i for i in args.items if "=" in i),
                        upstreams=args.upstream, tasks=args.task, folds=args.fold, seeds=args.seed, lrs=args.lr,
                        recipe=args.recipe, data_root=args.data_root, cache=args.cache, layer=args.layer,
-                       trust_checkpoint=args.trust_checkpoint, out=args.out, name=args.name, executor=args.executor,
+                       trust_checkpoint=args.trust_checkpoint, device=args.device, precision=args.precision,
+                       out=args.out, name=args.name, executor=args.executor,
                        jobs=args.jobs, slurm={"partition": args.partition, "time_min": args.time_min,
                                               "gpus_per_node": args.gpus, "cpus_per_task": args.cpus,
                                               "mem_gb": args.mem_gb})
@@ -406,9 +433,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     from speechbench.benchmark.rerun import format_rerun, rerun
+    from speechbench.runtime import dist_env
 
     _set_threads()
-    outcome = rerun(args.result, out_dir=args.out, trust_checkpoint=args.trust_checkpoint, resamples=args.resamples)
+    outcome = rerun(args.result, out_dir=args.out, trust_checkpoint=args.trust_checkpoint, resamples=args.resamples,
+                    device=args.device)
+    if dist_env().rank:  # under torchrun, rank 0 prints
+        return 0
     if args.json:
         _print_json(outcome)
     else:
@@ -418,14 +449,19 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from speechbench.benchmark.extract import extract_features, load_inputs
+    from speechbench.runtime import make_runtime
     from speechbench.upstreams.registry import build_upstream
 
     _set_threads()
+    runtime = make_runtime(args.device, args.precision)
     utts, root = load_inputs(args.data, args.audio_root)
     upstream = build_upstream(args.upstream, ckpt=args.ckpt, trust_checkpoint=args.trust_checkpoint)
-    summary = extract_features(upstream, utts, root, args.out, dtype=args.dtype, max_batch_s=args.max_batch_s)
-    print(f"extracted {summary.written} utterances ({summary.audio_seconds:.1f} s of audio, "
-          f"{summary.speed:.1f}x real time), {summary.skipped} already done -> {args.out}")
+    summary = extract_features(upstream, utts, root, args.out, dtype=args.dtype, max_batch_s=args.max_batch_s,
+                               runtime=runtime)
+    if runtime.dist.main:
+        print(f"extracted {summary.written} utterances ({summary.audio_seconds:.1f} s of audio, "
+              f"{summary.speed:.1f}x real time on {runtime.device}, {runtime.precision}), {summary.skipped} already "
+              f"done -> {args.out}")
     return 0
 
 
@@ -486,9 +522,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     _set_threads()
     if args.model == "hubert" and args.iteration == 2 and not args.teacher:
         raise ConfigError("--iteration 2 needs --from DIR (the iteration-1 upstream, e.g. OUT/upstream)")
+    from speechbench.runtime import dist_env
+
     summary = run_pretrain(args.model, args.out, recipe=args.recipe, data=args.data,
                            overrides=tuple(args.overrides), iteration=args.iteration, teacher=args.teacher,
-                           command=shlex.join(["bench", *args.argv]))
+                           command=shlex.join(["bench", *args.argv]), device=args.device, precision=args.precision)
+    if dist_env().rank:
+        return 0
     print(f"pretrained {args.model}: step {summary.steps}, loss {summary.final_loss:.4f}, "
           f"{summary.audio_s_per_s:.1f} audio s per wall s -> {summary.upstream_dir}")
     return 0
@@ -560,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
     from speechbench.common import SpeechbenchError
+    from speechbench.runtime import shutdown_distributed
 
     handlers = {"run": cmd_run, "leaderboard": cmd_leaderboard, "list": cmd_list, "data": cmd_data,
                 "extract": cmd_extract, "check-upstream": cmd_check_upstream, "pretrain": cmd_pretrain,
@@ -578,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # keep Python's exit-time flush from failing again
         return 0
+    finally:
+        shutdown_distributed()  # a torchrun job's process group, if the command started one
 
 
 if __name__ == "__main__":

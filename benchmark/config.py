@@ -1,9 +1,9 @@
 """Recipes: YAML files parsed into frozen dataclasses, with ``key.sub=value`` overrides.
 
-A recipe has fixed sections (``data``, ``featurizer``, ``optim``, ``train``, ``protocol``) and one task-specific
-section, ``task_options``, parsed by the task's own options dataclass. Unknown keys are errors that list the valid ones.
-Values are plain YAML scalars, lists and (for ``dict`` fields such as ``task_options.columns``) mappings of them
-(``yaml.safe_load``): no object construction, no ``eval``.
+A recipe has fixed sections (``data``, ``featurizer``, ``optim``, ``train``, ``protocol``, ``runtime``) and one
+task-specific section, ``task_options``, parsed by the task's own options dataclass. Unknown keys are errors that list
+the valid ones. Values are plain YAML scalars, lists and (for ``dict`` fields such as ``task_options.columns``)
+mappings of them (``yaml.safe_load``): no object construction, no ``eval``.
 """
 
 from __future__ import annotations
@@ -86,6 +86,19 @@ class ProtocolConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and in what precision a run computes (``--device``, ``--precision``).
+
+    ``device`` is where the run computes, not what it computes: it is left out of the run's identity
+    (:func:`config_sha256`), so a run started on one device resumes on another. ``precision`` changes the numbers:
+    it is part of the identity (when not fp32), of the feature cache key, and of the protocol fingerprint.
+    """
+
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (torch.autocast): upstream forward and head
+
+
+@dataclass(frozen=True)
 class RunConfig:
     task: str
     recipe: str = "custom"
@@ -97,6 +110,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     task_options: Any = None  # the task's own frozen options dataclass
 
 
@@ -268,6 +282,7 @@ def build_run_config(raw: dict, options_cls: type, where: str) -> RunConfig:
         raise ConfigError(f"{where}: cache must be one of {', '.join(CACHE_MODES)}, got {cfg.cache!r}")
     if cfg.optim.name not in ("adam", "adamw"):
         raise ConfigError(f"{where}: optim.name must be adam or adamw, got {cfg.optim.name!r}")
+    check_runtime(cfg.runtime, where)
     return resolve_paths(dataclasses.replace(cfg, task_options=task_options))
 
 
@@ -325,6 +340,33 @@ def config_to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def check_runtime(runtime: Any, where: str, prefix: str = "runtime.") -> None:
+    """The ``runtime`` section's values are known ones (whether this machine has the device is checked when the
+    run starts); ``prefix`` names the fields in messages."""
+    from speechbench.runtime import PRECISIONS, DeviceError, parse_device
+
+    if runtime.precision not in PRECISIONS:
+        raise ConfigError(f"{where}: {prefix}precision must be one of {', '.join(PRECISIONS)}, got "
+                          f"{runtime.precision!r}")
+    try:
+        parse_device(runtime.device)
+    except DeviceError as e:
+        raise ConfigError(f"{where}: {prefix}{e}") from None
+
+
+def identity_dict(config: dict) -> dict:
+    """What identifies a run (or a pretraining run) in a resolved config mapping: everything but where it computes
+    (``runtime.device``); the ``runtime`` section only when its precision is not fp32, so that configs written
+    before the section existed keep their sha256 (and their run directories)."""
+    config = dict(config)
+    runtime = dict(config.pop("runtime", None) or {})
+    runtime.pop("device", None)
+    if runtime and runtime != {"precision": "fp32"}:
+        config["runtime"] = runtime
+    return config
+
+
 def config_sha256(cfg: RunConfig) -> str:
-    text = json.dumps(config_to_dict(cfg), sort_keys=True, default=str)
+    """sha256 of the run's identity (:func:`identity_dict`): names its run directory, recorded in result.json."""
+    text = json.dumps(identity_dict(config_to_dict(cfg)), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

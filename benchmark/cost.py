@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from speechbench.common import atomic_write_text, cache_root, sha256_text
+from speechbench.runtime import PRECISIONS, autocast, low_precision_weights, machine_name
 from speechbench.upstreams.base import describe_upstream
 
 log = logging.getLogger("speechbench")
@@ -76,18 +76,6 @@ def count_flops(forward: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def _machine() -> str:
-    """A short description of this machine's processor (model name from /proc/cpuinfo where available)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def measure_cost(upstream, seconds: float = 10.0, device: str | torch.device = "cpu", precision: str = "fp32",
                  repeats: int = 3) -> dict:
     """Measure ``upstream`` (built, frozen) on a fixed ``seconds``-long input; return a plain dict:
@@ -96,32 +84,32 @@ def measure_cost(upstream, seconds: float = 10.0, device: str | torch.device = "
     ``device``, ``precision`` (``fp32``, or ``bf16``/``fp16`` under ``torch.autocast``), ``threads``, ``machine``,
     ``torch`` (version), ``measured_at`` (UTC), ``version`` (:data:`COST_VERSION`).
     """
-    if precision not in ("fp32", "bf16", "fp16"):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     device = torch.device(device)
     params = sum(p.numel() for p in upstream.parameters()) if isinstance(upstream, torch.nn.Module) else 0
     samples = int(round(seconds * upstream.sample_rate))
     wavs = 0.1 * torch.randn(1, samples, generator=torch.Generator().manual_seed(0))
     wavs, lengths = wavs.to(device), torch.tensor([samples], device=device)
-    autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
-                              enabled=precision != "fp32")
 
-    def forward() -> None:
-        with torch.inference_mode(), autocast:
+    def forward(in_precision: str) -> None:
+        with torch.inference_mode(), autocast(device, in_precision), low_precision_weights(upstream, in_precision):
             upstream(wavs, lengths)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    flops = count_flops(forward)
+    # the FLOPs do not depend on the precision, and the counter decomposes recurrent layers below autocast (where
+    # nothing would cast their inputs): count in fp32, time in the precision asked for
+    flops = count_flops(lambda: forward("fp32"))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        forward()
+        forward(precision)
         times.append(time.perf_counter() - t0)
     return {
         "params": int(params), "gflops_per_audio_s": flops / 1e9 / seconds,
         "rtf": statistics.median(times) / seconds, "input_s": float(seconds), "device": str(device),
-        "precision": precision, "threads": torch.get_num_threads(), "machine": _machine(),
+        "precision": precision, "threads": torch.get_num_threads(), "machine": machine_name(),
         "torch": torch.__version__, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": COST_VERSION,
     }

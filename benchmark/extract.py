@@ -2,7 +2,7 @@
 
 Output layout::
 
-    OUT/upstream.json                       declared attributes, checkpoint sha256/format, dtype (written first)
+    OUT/upstream.json                       declared attributes, checkpoint sha256/format, dtype, precision (first)
     OUT/<file-safe utterance id>.safetensors
         hidden_states  [L, T, D]  float32 (or float16 with --dtype float16), valid frames only
         num_frames     [1]        int64, T
@@ -14,7 +14,10 @@ extension, e.g. ``spk1/utt3``) or a JSONL manifest (``downstreams.data.read_mani
 against ``--audio-root``, else the row's own ``audio_root`` (the manifests of a run folder have one), else the nearest
 of the manifest's folder and its parents where the first file exists).
 
-Batches are length-bucketed and capped by total padded audio seconds. Every file is written to a temporary name and
+Batches are length-bucketed and capped by total padded audio seconds; the default cap is the device's batch policy
+(:data:`speechbench.benchmark.features.BATCH_POLICY_S`, chosen by measurement). The upstream runs on the runtime's
+device and precision (``--device``, ``--precision``); under torchrun each rank extracts its share of the files (dealt by
+duration) and rank 0 writes the index once all are written. Every file is written to a temporary name and
 renamed, so an existing file is complete: an interrupted run resumes by skipping them. Ids are made file-safe by
 percent-encoding every character outside ``[A-Za-z0-9-_.,+=@]`` (so ``/`` becomes ``%2F`` and distinct ids stay
 distinct); very long ids are truncated and suffixed with a hash.
@@ -37,18 +40,18 @@ import numpy as np
 import soundfile as sf
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
+from speechbench.benchmark.features import extraction_batch_s, upstream_forward
 from speechbench.common import atomic_path, atomic_write_text
 from speechbench.downstreams.data import (
     DataError,
     Utterance,
     bucket_by_duration,
-    collate_audio,
     load_utterance_audio,
     read_manifest,
     resolve_audio_path,
 )
+from speechbench.runtime import Progress, Runtime, all_gather_objects
 from speechbench.upstreams.base import Upstream, describe_upstream
 
 log = logging.getLogger("speechbench")
@@ -58,8 +61,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _SAFE_CHARS = frozenset(string.ascii_letters + string.digits + "-_.,+=@")
 MAX_NAME = 180
 FORMAT = "speechbench-features-v1"
-
-
 def safe_file_name(utterance_id: str) -> str:
     """A file-system-safe, injective name for an utterance id (percent-encoding; long ids hashed)."""
     name = "".join(c if c in _SAFE_CHARS else "".join(f"%{b:02X}" for b in c.encode("utf-8"))
@@ -116,14 +117,14 @@ def load_inputs(data: str | os.PathLike, audio_root: str | os.PathLike | None = 
     return utts, root
 
 
-def upstream_description(upstream: Upstream, dtype: str) -> dict:
-    return {"format": FORMAT, **describe_upstream(upstream), "dtype": dtype}
+def upstream_description(upstream: Upstream, dtype: str, precision: str = "fp32") -> dict:
+    return {"format": FORMAT, **describe_upstream(upstream), "dtype": dtype, "precision": precision}
 
 
 def _claim_output(out_dir: Path, description: dict) -> None:
     path = out_dir / "upstream.json"
     if path.is_file():
-        previous = json.loads(path.read_text())
+        previous = {"precision": "fp32", **json.loads(path.read_text())}  # written before precisions existed
         if previous != json.loads(json.dumps(description)):
             changed = sorted(k for k in set(previous) | set(description) if previous.get(k) != description.get(k))
             raise DataError(f"{out_dir}: holds features of another upstream or setting (differs in "
@@ -152,24 +153,34 @@ class ExtractSummary:
 
 
 def extract_features(upstream: Upstream, utts: Sequence[Utterance], audio_root: Path | None, out_dir: str | os.PathLike,
-                     dtype: str = "float32", max_batch_s: float = 160.0, progress: bool = True) -> ExtractSummary:
+                     dtype: str = "float32", max_batch_s: float | None = None, progress: bool = True,
+                     runtime: Runtime | None = None) -> ExtractSummary:
     """Run the frozen upstream over ``utts`` and write ``OUT/<id>.safetensors`` (``[L, T, D]``) per utterance.
 
     Already complete files are skipped. Audio loading and file writing overlap the forward passes (threads).
+    ``max_batch_s``: padded audio seconds per batch (default: the device's :func:`extraction_batch_s`).
+    ``runtime``: device, precision, torchrun place (default: one CPU process, fp32). Under torchrun each rank
+    writes its share and the summary counts every rank's work.
     """
     if dtype not in DTYPES:
         raise DataError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    runtime = runtime or Runtime()
+    max_batch_s = extraction_batch_s(runtime.device) if max_batch_s is None else max_batch_s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [safe_file_name(u.id) for u in utts]
     if len(set(names)) != len(names):
         dup = next(u.id for u, n in zip(utts, names, strict=True) if names.count(n) > 1)
         raise DataError(f"duplicate utterance id {dup!r}: ids must be unique")
-    _claim_output(out_dir, upstream_description(upstream, dtype))
+    _claim_output(out_dir, upstream_description(upstream, dtype, runtime.precision))
     pending = [i for i, n in enumerate(names) if not (out_dir / f"{n}.safetensors").is_file()]
+    if runtime.dist.enabled:  # rank 0's list, taken before any rank writes
+        pending = all_gather_objects(pending)[0]
     skipped = len(utts) - len(pending)
     if skipped:
         log.info("%s: %d of %d utterances already extracted; resuming", out_dir, skipped, len(utts))
+    if runtime.dist.enabled:  # this rank's share, dealt in duration order so every rank gets as much audio
+        pending = sorted(pending, key=lambda i: utts[i].duration_s)[runtime.dist.rank::runtime.dist.world_size]
     batches = [[pending[j] for j in b] for b in bucket_by_duration([utts[i].duration_s for i in pending], max_batch_s)]
     sr, torch_dtype = upstream.sample_rate, DTYPES[dtype]
 
@@ -177,34 +188,38 @@ def extract_features(upstream: Upstream, utts: Sequence[Utterance], audio_root: 
         return batch, [load_utterance_audio(utts[i], audio_root, sr) for i in batch]
 
     t0, audio_s = time.perf_counter(), 0.0
-    with ThreadPoolExecutor(max_workers=1) as loader, ThreadPoolExecutor(max_workers=1) as writer:
+    with ThreadPoolExecutor(max_workers=1) as loader, ThreadPoolExecutor(max_workers=1) as writer, \
+            Progress(len(pending), "extract", "utt", enabled=progress) as bar:
         writes = []
         next_load = loader.submit(load, batches[0]) if batches else None
-        bar = tqdm(total=len(pending), desc="extract", unit="utt", disable=not progress or None, leave=False)
         for k in range(len(batches)):
             batch, waves = next_load.result()
             next_load = loader.submit(load, batches[k + 1]) if k + 1 < len(batches) else None
-            wavs, wav_lengths = collate_audio(waves)
             with torch.inference_mode():
-                out = upstream(wavs, wav_lengths)
-                hidden = out.hidden if torch.is_tensor(out.hidden) else torch.stack(list(out.hidden), dim=1)
-                lengths = out.lengths.tolist()
-                for j, i in enumerate(batch):
-                    n = int(lengths[j])
-                    tensor = hidden[j, :, :n].to(torch_dtype).contiguous().clone()
-                    meta = {"utterance_id": utts[i].id, "upstream": upstream.name}
-                    writes.append(writer.submit(_save, out_dir / f"{names[i]}.safetensors", tensor, n, meta))
-            audio_s += float(wav_lengths.sum()) / sr
+                hidden, lengths = upstream_forward(upstream, waves, runtime)
+                for j, n in enumerate(lengths.tolist()):
+                    # valid frames as one contiguous CPU tensor of the stored dtype: a view when it already is one
+                    # (one utterance per batch, fp32 on the CPU), else one copy
+                    tensor = hidden[j, :, :n].to("cpu", torch_dtype).contiguous()
+                    meta = {"utterance_id": utts[batch[j]].id, "upstream": upstream.name}
+                    writes.append(writer.submit(_save, out_dir / f"{names[batch[j]]}.safetensors", tensor, n, meta))
+            audio_s += sum(w.shape[0] for w in waves) / sr
             for w in [w for w in writes if w.done()]:
                 w.result()
                 writes.remove(w)
             bar.update(len(batch))
         for w in writes:
             w.result()
-        bar.close()
     wall = time.perf_counter() - t0
-    _write_index(out_dir, utts, names)
-    return ExtractSummary(len(pending), skipped, audio_s, wall)
+    if runtime.dist.enabled:  # every rank's files are written (the gather waits for all), then one index
+        shares = all_gather_objects((len(pending), audio_s, wall))
+        pending_n, audio_s = sum(n for n, _, _ in shares), sum(a for _, a, _ in shares)
+        wall = max(w for *_, w in shares)
+    else:
+        pending_n = len(pending)
+    if runtime.dist.main:
+        _write_index(out_dir, utts, names)
+    return ExtractSummary(pending_n, skipped, audio_s, wall)
 
 
 def _write_index(out_dir: Path, utts: Sequence[Utterance], names: Sequence[str]) -> None:

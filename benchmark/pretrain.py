@@ -1,8 +1,9 @@
 """``bench pretrain``: recipe -> objective + training audio -> the generic loop in :mod:`upstreams.pretrain.loop`.
 
-A pretraining recipe (``recipes/pretrain/<name>.yaml``) has the sections ``data``, ``optim``, ``train`` (fixed
-schema below and in :mod:`upstreams.pretrain.loop`) and two family sections parsed by the family's own dataclasses:
-``model`` (architecture) and ``objective`` (loss settings). Overrides are ``key.sub=value`` as for ``bench run``.
+A pretraining recipe (``recipes/pretrain/<name>.yaml``) has the sections ``data``, ``optim``, ``train``,
+``runtime`` (fixed schema below and in :mod:`upstreams.pretrain.loop`) and two family sections parsed by the family's
+own dataclasses: ``model`` (architecture) and ``objective`` (loss settings). Overrides are ``key.sub=value`` as for
+``bench run``; ``--device`` and ``--precision`` set ``runtime.device`` and ``runtime.precision``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from speechbench.benchmark.config import ConfigError, apply_overrides, find_recipe, from_dict, load_raw_recipe
+from speechbench.benchmark.config import (
+    ConfigError,
+    RuntimeConfig,
+    apply_overrides,
+    check_runtime,
+    find_recipe,
+    from_dict,
+    identity_dict,
+    load_raw_recipe,
+)
 from speechbench.benchmark.results import git_sha
 from speechbench.common import SAMPLE_RATE
 from speechbench.downstreams.data import DataError, Utterance, load_audio, read_manifest, resolve_audio_path
+from speechbench.runtime import make_runtime
 from speechbench.upstreams.pretrain.base import get_objective
 from speechbench.upstreams.pretrain.loop import (
     AudioSource,
@@ -51,6 +62,7 @@ class PretrainConfig:
     data: PretrainData = field(default_factory=PretrainData)
     optim: PretrainOptim = field(default_factory=PretrainOptim)
     train: PretrainTrain = field(default_factory=PretrainTrain)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     model: Any = None  # the family's model-options dataclass
     objective: Any = None  # the family's objective-options dataclass
 
@@ -79,6 +91,7 @@ def resolve_pretrain_config(family: str, recipe: str | None = None, overrides: t
             or cfg.train.log_every < 1:
         raise ConfigError(f"{where}: train needs max_steps >= 0, batch_size >= 1, crop_s > 0, save_every >= 1, "
                           f"log_every >= 1")
+    check_runtime(cfg.runtime, where)
     return dataclasses.replace(cfg, model=model, objective=objective), name
 
 
@@ -120,9 +133,15 @@ def audio_source(data: PretrainData) -> tuple[AudioSource, str]:
 
 def run_pretrain(family: str, out_dir: str, recipe: str | None = None, data: str | None = None,
                  overrides: tuple[str, ...] = (), iteration: int | None = None, teacher: str | None = None,
-                 progress: bool = True, command: str = "") -> PretrainSummary:
-    """``bench pretrain``: resolve the recipe, build the objective, train (resuming from ``out_dir``)."""
+                 progress: bool = True, command: str = "", device: str | None = None,
+                 precision: str | None = None) -> PretrainSummary:
+    """``bench pretrain``: resolve the recipe, build the objective, train (resuming from ``out_dir``) on the
+    recipe's ``runtime`` (``device``/``precision`` override it), in every process of a torchrun job."""
     extra = list(overrides)
+    if device:
+        extra.insert(0, f"runtime.device={device}")
+    if precision:
+        extra.insert(0, f"runtime.precision={precision}")
     if data:
         extra.insert(0, f"data.source={data}")
     if iteration is not None:
@@ -134,6 +153,7 @@ def run_pretrain(family: str, out_dir: str, recipe: str | None = None, data: str
             raise ConfigError(f"--from (the previous iteration's model) applies to hubert only, not {family}")
         extra.insert(0, f"objective.teacher={Path(teacher).expanduser().resolve()}")
     cfg, name = resolve_pretrain_config(family, recipe or default_recipe(family, iteration), tuple(extra))
+    runtime = make_runtime(cfg.runtime.device, cfg.runtime.precision)
     source, described = audio_source(cfg.data)
     log.info("pretraining %s (recipe %s) on %s", family, name, described)
     entry = get_objective(family)
@@ -142,14 +162,16 @@ def run_pretrain(family: str, out_dir: str, recipe: str | None = None, data: str
     except ValueError as e:  # option combinations the family rejects (one-line messages naming the option)
         raise ConfigError(f"{find_recipe(name)}: {e}") from None
     trainable = sum(p.numel() for p in objective.parameters() if p.requires_grad)
-    log.info("%s objective: %.2fM trainable parameters; %d steps x %d crops x %.1f s", family, trainable / 1e6,
-             cfg.train.max_steps, cfg.train.batch_size, cfg.train.crop_s)
+    log.info("%s objective: %.2fM trainable parameters; %d steps x %d crops x %.1f s; device %s, precision %s%s",
+             family, trainable / 1e6, cfg.train.max_steps, cfg.train.batch_size, cfg.train.crop_s, runtime.device,
+             runtime.precision, f", {runtime.dist.world_size} processes" if runtime.dist.enabled else "")
     resolved = config_dict(cfg)
-    recipe_sha = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+    recipe_sha = hashlib.sha256(json.dumps(identity_dict(resolved), sort_keys=True).encode()).hexdigest()
     meta = {"pretraining": {"recipe": name, "config_sha256": recipe_sha, "overrides": list(overrides),
                             "data": described, "seed": cfg.train.seed, "git_sha": git_sha(),
                             "command": command}}
-    summary = pretrain(objective, source, cfg.optim, cfg.train, out_dir, resolved, meta, progress=progress)
+    summary = pretrain(objective, source, cfg.optim, cfg.train, out_dir, resolved, meta, progress=progress,
+                       runtime=runtime)
     log.info("pretrained %s: %d steps (from %d), final loss %.4f, %.1f audio s per wall s; upstream: %s", family,
              summary.steps, summary.resumed_from, summary.final_loss, summary.audio_s_per_s, summary.upstream_dir)
     return summary

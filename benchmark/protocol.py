@@ -8,12 +8,13 @@ Every ``result.json`` gets a ``protocol`` section (schema 3)::
 
 ``deviations`` collects, in this order: the recipe's declared ``protocol.deviations``; a synthetic corpus; every
 override of a recipe field that changes the protocol (``train.max_steps=1000 (recipe: 200000)``; fields that do
-not change the number, such as paths, the cache mode, the learning rate, which is searched, and the seed, are not
-deviations); the task's run-time findings (a dropped test utterance, a different phone set or trial list ...);
-where a Hugging Face dataset's layout differs from the corpus' (``hf_dataset`` then records the dataset, the splits
-and columns read and notes on its layout); a test set smaller than the official one. ``superb_faithful`` is true only
-for a recipe that reproduces SUPERB (``protocol.reproduces: superb``) on the real corpus with no deviation at all; the
-leaderboard's SUPERB score uses only those rows.
+not change the number, such as paths, the cache mode, the learning rate, which is searched, the seed and the
+device, are not deviations); a precision other than fp32 (bf16/fp16 autocast moves every hidden state by about 1 %);
+the task's run-time findings (a dropped test utterance, a different phone set or trial list ...); where a Hugging Face
+dataset's layout differs from the corpus' (``hf_dataset`` then records the dataset, the splits and columns read and
+notes on its layout); a test set smaller than the official one. ``superb_faithful`` is true only for a recipe that
+reproduces SUPERB (``protocol.reproduces: superb``) on the real corpus with no deviation at all; the leaderboard's
+SUPERB score uses only those rows.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from speechbench.benchmark.config import RunConfig, config_to_dict
 from speechbench.downstreams.tasks import PreparedData, Task
 
 # Recipe fields whose value never changes the number (where the data lives, how features are cached, logging,
-# evaluation batch size, the learning rate -- searched, recorded separately -- and the seed).
+# evaluation batch size, the learning rate -- searched, recorded separately -- the seed, and the device), or that
+# protocol_record judges itself (the precision).
 NEUTRAL_FIELDS = frozenset({
     "recipe", "description", "cache", "cache_budget_gb", "data.root", "train.log_every", "train.eval_batch_size",
-    "optim.lr", "train.seed",
+    "optim.lr", "train.seed", "runtime.device", "runtime.precision",
 })
 # A task option declared with ``dataclasses.field(metadata={"protocol": "neutral"})`` never changes the number (a
 # path, the fold); one with ``{"protocol": "task"}`` is judged by the task's own protocol hook (KS sampling, the PR
@@ -73,6 +75,9 @@ def protocol_record(cfg: RunConfig, shipped: RunConfig, task: Task, prepared: Pr
     if prepared.corpus == "synth":
         deviations.append("synthetic corpus: a smoke benchmark, not the task's SUPERB dataset")
     deviations += [f"override {d}" for d in override_deviations(cfg, shipped)]
+    if cfg.runtime.precision != "fp32":
+        deviations.append(f"precision {cfg.runtime.precision}: upstream features and head computed under "
+                          f"torch.autocast (SUPERB's published numbers are fp32)")
     facts, task_deviations = task.protocol(prepared, cfg.task_options) if task.protocol else ({}, [])
     facts = {"test_scored": len(prepared.splits["test"]), **facts}
     deviations += task_deviations
@@ -87,4 +92,4 @@ def protocol_record(cfg: RunConfig, shipped: RunConfig, task: Task, prepared: Pr
     return {"recipe": cfg.recipe, "reproduces": cfg.protocol.reproduces or None, "superb_faithful": faithful,
             "deviations": deviations, "known_differences": list(cfg.protocol.known_differences),
             "lr_searched": len(lrs) > 1, "lrs": [float(lr) for lr in lrs], "eval_every": cfg.train.eval_every,
-            "max_steps": cfg.train.max_steps, **facts}
+            "max_steps": cfg.train.max_steps, "precision": cfg.runtime.precision, **facts}

@@ -10,6 +10,7 @@ checkpoint sha256 must equal the recorded one, else the rerun is refused. The ne
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from speechbench.benchmark.config import build_run_config, config_sha256, load_raw_recipe
@@ -64,11 +65,13 @@ def rerun_request(result_path: str | Path, out_dir: str | Path | None = None,
 
 
 def rerun(result_path: str | Path, out_dir: str | Path | None = None, trust_checkpoint: bool = False,
-          resamples: int = 1000, confidence: float = CONFIDENCE) -> dict:
+          resamples: int = 1000, confidence: float = CONFIDENCE, device: str | None = None) -> dict:
     """Re-run a recorded result; return ``{"original", "new", "task", "metric", "unit", "original_value",
     "new_value", "interval", "inside", "result"}`` (``interval``/``inside`` None when the original has no per-item
-    scores)."""
+    scores). ``device`` replaces the recorded one (where a run computes is not part of its identity)."""
     req, cfg, original = rerun_request(result_path, out_dir, trust_checkpoint)
+    if device:
+        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=device))
     path = Path(result_path)
     path = path / "result.json" if path.is_dir() else path
     interval = None

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import yaml
 
-from speechbench.benchmark.cache import POOLED_SOURCE, FeatureStore, estimate_frames_bytes
+from speechbench.benchmark.cache import FeatureStore, estimate_frames_bytes, pooled_source
 from speechbench.benchmark.config import (
     ConfigError,
     RunConfig,
@@ -42,6 +42,7 @@ from speechbench.downstreams.tasks import (
     write_items,
     write_predictions_tsv,
 )
+from speechbench.runtime import Phases, Runtime, make_runtime
 from speechbench.upstreams.base import describe_upstream
 from speechbench.upstreams.checkpoints import CheckpointError
 from speechbench.upstreams.registry import build_upstream, local_upstream_path, upstream_slug
@@ -66,6 +67,8 @@ class RunRequest:
     ckpt: str | None = None  # local checkpoint replacing a family/card upstream's published one
     trust_checkpoint: bool = False  # allow checkpoints that need full unpickling
     checkpoint_sha256: str | None = None  # refuse an upstream whose checkpoint hash differs (bench rerun)
+    device: str | None = None  # --device: auto | cpu | cuda | cuda:N (None: the recipe's runtime.device, auto)
+    precision: str | None = None  # --precision: fp32 | bf16 | fp16 (None: the recipe's runtime.precision, fp32)
 
     @property
     def upstream_label(self) -> str:
@@ -116,6 +119,10 @@ def resolve_config(req: RunRequest, task: Task, shipped: bool = False) -> RunCon
         flags.append(f"featurizer.layer={req.layer}")
     if req.cache:
         flags.append(f"cache={req.cache}")
+    if req.device:
+        flags.append(f"runtime.device={req.device}")
+    if req.precision:
+        flags.append(f"runtime.precision={req.precision}")
     raw = apply_overrides(raw, flags + list(req.overrides))
     return build_run_config(raw, task.options_cls, str(path))
 
@@ -180,7 +187,9 @@ class FeatureSet:
     """The features of every split, shared by every learning rate and seed; from the feature cache, where only the
     utterances no earlier run (of any split, fold or task) has extracted go through the upstream."""
 
-    def __init__(self, upstream, upstream_name: str, task: Task, prepared: PreparedData, cfg: RunConfig):
+    def __init__(self, upstream, upstream_name: str, task: Task, prepared: PreparedData, cfg: RunConfig,
+                 runtime: Runtime | None = None):
+        runtime = runtime or Runtime()
         self.mode, crop_s = choose_cache(cfg, task, prepared, upstream)
         self.crop_s = crop_s  # training crop (None: whole utterances); length buckets use the cropped durations
         self.pooled = self.mode == "pooled"
@@ -191,23 +200,25 @@ class FeatureSet:
         frame_rate = upstream.sample_rate / upstream.downsample_rate
         self.sources = {}
         self.cache_record: dict | None = None  # what the cache did, for result.json (None: cache off)
-        store = None if self.mode == "off" else FeatureStore.open(upstream, upstream_name)
+        store = None if self.mode == "off" else FeatureStore.open(upstream, upstream_name, runtime.precision)
         if store is not None:
             self.cache_record = {"key": store.directory.name, "precision": store.identity["precision"],
-                                 "splits": {}, **({"pooled": POOLED_SOURCE} if self.pooled else {})}
+                                 "splits": {}, **({"pooled": pooled_source(runtime.precision)} if self.pooled else {})}
         for split, utts in prepared.splits.items():
             crop = crop_s if split == "train" else None
             if store is None:
-                self.sources[split] = OnTheFlyFeatures(upstream, utts, prepared.audio_root, crop, cfg.train.seed)
+                self.sources[split] = OnTheFlyFeatures(upstream, utts, prepared.audio_root, crop, cfg.train.seed,
+                                                       runtime)
                 continue
             t0 = time.perf_counter()
-            cached = store.ensure(upstream, utts, prepared.audio_root, self.mode, cfg.train.max_batch_s, split)
+            cached = store.ensure(upstream, utts, prepared.audio_root, self.mode, desc=split, runtime=runtime)
             self.cache_record["splits"][split] = cached.stats.record(self.mode)
             if self.pooled:
-                self.sources[split] = PooledFeatures(cached.pooled())
+                self.sources[split] = PooledFeatures(cached.pooled().to(runtime.device))
             else:
                 crop_frames = int(crop * frame_rate) if crop else None
-                self.sources[split] = cached.frames(frame_rate).with_crop(crop_frames, cfg.train.seed)
+                self.sources[split] = cached.frames(frame_rate, runtime.device).with_crop(crop_frames,
+                                                                                          cfg.train.seed)
             log.info("%s features of %d %s utterances ready in %.1f s", self.mode, len(utts), split,
                      time.perf_counter() - t0)
 
@@ -234,28 +245,37 @@ def audio_roots(prepared: PreparedData) -> dict[str, str]:
 
 def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepared: PreparedData,
                     features: FeatureSet, run_dir: Path, fold: int | None, protocol: dict,
-                    cost: dict | None = None) -> dict:
-    """Train one head, pick the best dev checkpoint, score it on test, write result.json (with ``protocol``)."""
+                    cost: dict | None = None, runtime: Runtime | None = None, phases: Phases | None = None) -> dict:
+    """Train one head, pick the best dev checkpoint, score it on test, write result.json (with ``protocol``).
+
+    Under torchrun every rank trains and evaluates its part; rank 0 alone writes. ``phases`` holds the wall time
+    of the phases shared by the fold's runs (data, cache); this run's train and test phases are added to a copy."""
+    runtime = runtime or Runtime()
+    phases = phases.copy() if phases is not None else Phases(runtime.device)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     featurizer = WeightedLayerSum(upstream.num_layers, cfg.featurizer.layer_norm, cfg.featurizer.layer)
     model = DownstreamModel(featurizer, task.build_head(upstream.hidden_size, prepared, cfg.task_options))
     train_utts, dev_utts, test_utts = (prepared.splits[s] for s in ("train", "dev", "test"))
     weights = task.sample_weights or (lambda *_: None)
-    state = train(model, task, cfg, features.sources["train"], task.targets(train_utts, prepared),
-                  [min(u.duration_s, features.crop_s or u.duration_s) for u in train_utts], features.sources["dev"],
-                  task.references(dev_utts, prepared), run_dir / "checkpoints",
-                  length_buckets=batches_by_length(task),
-                  train_weights=weights(train_utts, prepared, cfg.task_options),
-                  dev_weights=weights(dev_utts, prepared, cfg.task_options))
-    model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True))
-    scores, predictions = evaluate(model, task, features.sources["test"], task.references(test_utts, prepared),
-                                   cfg.train.eval_batch_size, cfg.train.max_batch_s)
-    test_refs = task.references(test_utts, prepared)
-    (task.write_outputs or write_predictions_tsv)(run_dir, test_utts, predictions, test_refs)
-    items = None
-    if task.item_scores is not None:
-        items = write_items(run_dir / ITEMS_FILENAME, task.item_scores(predictions, test_refs, test_utts))
+    with phases("train"):
+        state = train(model, task, cfg, features.sources["train"], task.targets(train_utts, prepared),
+                      [min(u.duration_s, features.crop_s or u.duration_s) for u in train_utts],
+                      features.sources["dev"], task.references(dev_utts, prepared), run_dir / "checkpoints",
+                      length_buckets=batches_by_length(task),
+                      train_weights=weights(train_utts, prepared, cfg.task_options),
+                      dev_weights=weights(dev_utts, prepared, cfg.task_options), runtime=runtime)
+    with phases("test"):
+        model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", map_location=runtime.device,
+                                         weights_only=True))
+        test_refs = task.references(test_utts, prepared)
+        scores, predictions = evaluate(model, task, features.sources["test"], test_refs, cfg.train.eval_batch_size,
+                                       cfg.train.max_batch_s, runtime)
+        items = None
+        if runtime.dist.main:
+            (task.write_outputs or write_predictions_tsv)(run_dir, test_utts, predictions, test_refs)
+            if task.item_scores is not None:
+                items = write_items(run_dir / ITEMS_FILENAME, task.item_scores(predictions, test_refs, test_utts))
     result = {
         "schema_version": SCHEMA_VERSION,
         "upstream": {**_upstream_record(upstream, req.upstream_label), "path": req.upstream_path},
@@ -271,20 +291,22 @@ def train_and_score(req: RunRequest, task: Task, cfg: RunConfig, upstream, prepa
         "learning_rate": cfg.optim.lr, "seed": cfg.train.seed, "selected": True,
         "features": features.description, "feature_cache": features.cache_record,
         "layer_weights": model.featurizer.layer_weights(), "layer": cfg.featurizer.layer,
-        "items": items, "cost": cost,
+        "items": items, "cost": cost, "runtime": runtime.record(), "resources": phases.record(runtime),
         "best_step": state.best_step, "steps": state.step,
         "wall_time_s": round(time.perf_counter() - t0, 2), "git_sha": git_sha(), "timestamp": utc_now(),
         "run_id": run_dir.name,
     }
-    write_result(run_dir / "result.json", result)
+    if runtime.dist.main:
+        write_result(run_dir / "result.json", result)
     return result
 
 
-def measured_cost(upstream) -> dict | None:
-    """The upstream's measured cost (``benchmark/cost.py``, cached per upstream); None, with a warning, when it
-    cannot be measured (the run itself does not depend on it)."""
+def measured_cost(upstream, runtime: Runtime | None = None) -> dict | None:
+    """The upstream's measured cost (``benchmark/cost.py``, cached per upstream, device and precision); None, with
+    a warning, when it cannot be measured (the run itself does not depend on it)."""
+    runtime = runtime or Runtime()
     try:
-        return upstream_cost(upstream)
+        return upstream_cost(upstream, device=runtime.device, precision=runtime.precision)
     except Exception as e:  # a cost column is not worth failing an evaluation for
         log.warning("could not measure the cost of %s (%s: %s); result.json gets cost null", upstream.name,
                     type(e).__name__, e)
@@ -311,20 +333,29 @@ def run(req: RunRequest, config: RunConfig | None = None) -> list[dict]:
     """Run every (fold, seed, learning rate) of the request; return their result rows.
 
     ``config``: an already resolved config (``bench rerun`` passes a run's ``config.yaml``) used instead of the
-    request's recipe, data root, layer, cache and overrides."""
+    request's recipe, data root, layer, cache and overrides.
+
+    Runs on the config's ``runtime.device`` and ``runtime.precision``; under torchrun every rank calls it with the
+    same request, and rank 0 alone writes (run folders, logs, checkpoints, results)."""
     task = get_task(req.task)
     base_cfg = config or resolve_config(req, task)
     shipped_cfg = resolve_config(req, task, shipped=True)
+    runtime = make_runtime(base_cfg.runtime.device, base_cfg.runtime.precision)
+    main = runtime.dist.main
     source = "the synthetic corpus (a smoke benchmark, not SUPERB numbers)" if base_cfg.data.corpus == "synth" \
         else f"the real corpus at {base_cfg.data.root}"
     log.info("task %s, upstream %s, recipe %s, data: %s", task.name, req.upstream, base_cfg.recipe, source)
+    log.info("device %s (%s), precision %s%s", runtime.device, runtime.record()["device_name"], runtime.precision,
+             f", {runtime.dist.world_size} processes" if runtime.dist.enabled else "")
     upstream = build_upstream(req.upstream, ckpt=req.ckpt, trust_checkpoint=req.trust_checkpoint)
+    if isinstance(upstream, torch.nn.Module):
+        upstream.to(runtime.device)
     sha = describe_upstream(upstream)["checkpoint_sha256"]
     if req.checkpoint_sha256 and sha != req.checkpoint_sha256:
         raise CheckpointError(f"upstream {req.upstream_label}: checkpoint sha256 is now {str(sha)[:16]}..., the "
                               f"recorded run used {req.checkpoint_sha256[:16]}...; the weights changed, so this would "
                               f"not be the same run")
-    cost = measured_cost(upstream)
+    cost = measured_cost(upstream, runtime) if main else None  # only rank 0 writes results
     folds: list[int | None] = [req.fold] if req.fold is not None else (list(task.folds) or [None])
     lrs = list(req.lrs) or [base_cfg.optim.lr]
     seeds = list(req.seeds) or [base_cfg.train.seed]
@@ -333,7 +364,9 @@ def run(req: RunRequest, config: RunConfig | None = None) -> list[dict]:
     for fold in folds:
         fold_cfg = base_cfg if fold is None else dataclasses.replace(
             base_cfg, task_options=dataclasses.replace(base_cfg.task_options, fold=fold))
-        prepared = subsample(task.prepare(fold_cfg.data, fold_cfg.task_options), fold_cfg.data.max_per_split)
+        phases = Phases(runtime.device)
+        with phases("data"):
+            prepared = subsample(task.prepare(fold_cfg.data, fold_cfg.task_options), fold_cfg.data.max_per_split)
         log.info("data: %s", ", ".join(f"{s} {len(u)}" for s, u in prepared.splits.items()))
         features = None
         for seed in seeds:
@@ -345,15 +378,20 @@ def run(req: RunRequest, config: RunConfig | None = None) -> list[dict]:
                     log.info("already done: %s (pass --rerun for a new run)", run_dir / "result.json")
                     rows.append((run_dir, read_result(run_dir / "result.json")))
                     continue
-                run_dir.mkdir(parents=True, exist_ok=True)
-                handler = _attach_log_file(run_dir)
+                handler = None
+                if main:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    handler = _attach_log_file(run_dir)
                 try:
-                    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-                    for split, utts in prepared.splits.items():
-                        write_manifest(run_dir / "manifests" / f"{split}.jsonl", utts, prepared.audio_root)
+                    if main:
+                        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg),
+                                                                                  sort_keys=False))
+                        for split, utts in prepared.splits.items():
+                            write_manifest(run_dir / "manifests" / f"{split}.jsonl", utts, prepared.audio_root)
                     log.info("run %s: lr %g, seed %d%s", run_dir, lr, seed, f", fold {fold}" if fold else "")
                     if features is None:
-                        features = FeatureSet(upstream, req.upstream_label, task, prepared, cfg)
+                        with phases("cache"):
+                            features = FeatureSet(upstream, req.upstream_label, task, prepared, cfg, runtime)
                     protocol = protocol_record(cfg, shipped_cfg, task, prepared, lrs)
                     if cfg.protocol.reproduces:
                         for deviation in protocol["deviations"]:
@@ -362,13 +400,14 @@ def run(req: RunRequest, config: RunConfig | None = None) -> list[dict]:
                         log.info("protocol: %s does not reproduce a published protocol (%d deviations, listed in "
                                  "result.json)", cfg.recipe, len(protocol["deviations"]))
                     result = train_and_score(req, task, cfg, upstream, prepared, features, run_dir, fold, protocol,
-                                             cost)
+                                             cost, runtime, phases)
                     log.info("test %s = %.2f%s (best dev step %d) -> %s", task.metric, result["value"], task.unit,
                              result["best_step"], run_dir / "result.json")
                     rows.append((run_dir, result))
                 finally:
-                    log.removeHandler(handler)
-                    handler.close()
-    if len(lrs) > 1:
+                    if handler is not None:
+                        log.removeHandler(handler)
+                        handler.close()
+    if len(lrs) > 1 and main:
         mark_selected(rows, task)
     return [r for _, r in rows]

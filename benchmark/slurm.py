@@ -156,19 +156,22 @@ def attach_jobs(directory: Path, slurm_job_ids: dict[str, str]) -> dict:
 def wait_for_jobs(directory: Path, submitted: dict, poll_s: float = 2.0) -> None:
     """Wait until every submitted job has ended (done, failed, cancelled or out of requeues), logging each."""
     from speechbench.benchmark.sweep import read_state
+    from speechbench.runtime import Progress
 
     left = dict(submitted)
     log.info("waiting for %d Slurm job(s); Ctrl-C stops waiting, not the jobs (bench sweep FILE --status)",
              len(left))
-    while left:
-        for job_id, slurm_job in list(left.items()):
-            if slurm_job.done():
-                del left[job_id]
-                state = read_state(directory, job_id) or {}
-                detail = state.get("error") or f"{len(state.get('results', []))} results"
-                log.info("job %s (slurm %s) %s: %s", job_id, slurm_job.job_id, state.get("state"), detail)
-        if left:
-            time.sleep(poll_s)
+    with Progress(len(left), f"sweep {Path(directory).name} (slurm)", "job", interval_s=0) as bar:
+        while left:
+            for job_id, slurm_job in list(left.items()):
+                if slurm_job.done():
+                    del left[job_id]
+                    state = read_state(directory, job_id) or {}
+                    detail = state.get("error") or f"{len(state.get('results', []))} results"
+                    log.info("job %s (slurm %s) %s: %s", job_id, slurm_job.job_id, state.get("state"), detail)
+                    bar.update(1)
+            if left:
+                time.sleep(poll_s)
 
 
 def slurm_log(folder: Path, slurm_job_id: str) -> Path | None:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from speechbench.benchmark.config import CACHE_MODES, ConfigError, from_dict
+from speechbench.benchmark.config import CACHE_MODES, ConfigError, RuntimeConfig, check_runtime, from_dict
 from speechbench.benchmark.slurm import SlurmConfig
 from speechbench.common import (
     HF_PREFIX,
@@ -47,6 +47,7 @@ from speechbench.common import (
     sha256_text,
     usable_cpus,
 )
+from speechbench.runtime import Progress
 
 log = logging.getLogger("speechbench")
 
@@ -70,6 +71,8 @@ class SweepConfig:
     cache: str | None = None  # feature cache mode: auto | pooled | frames | off (default: the recipe's)
     layer: int | None = None  # probe this single hidden state instead of the weighted sum
     trust_checkpoint: bool = False
+    device: str | None = None  # where each job computes: auto | cpu | cuda | cuda:N (default: the recipe's, auto)
+    precision: str | None = None  # fp32 | bf16 | fp16 (default: the recipe's, fp32)
     out: str = "results"  # results directory (run directories, the .sweep state folder, the leaderboard)
     executor: str = "local"  # local | slurm
     jobs: int = 1  # local executor: jobs run at the same time
@@ -77,7 +80,7 @@ class SweepConfig:
 
 
 GRID_FIELDS = ("upstreams", "tasks", "folds", "seeds", "lrs", "overrides", "recipe", "data_root", "cache", "layer",
-               "trust_checkpoint", "out")
+               "trust_checkpoint", "out", "precision")  # not the device: where jobs compute is not what they compute
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,8 @@ class SweepJob:
         return RunRequest(upstream=self.upstream, task=self.task, recipe=_for_task(sweep.recipe, self.task, "recipe"),
                           data_root=_for_task(sweep.data_root, self.task, "data_root"), overrides=sweep.overrides,
                           lrs=sweep.lrs, seeds=sweep.seeds, layer=sweep.layer, cache=sweep.cache, fold=self.fold,
-                          out_dir=sweep.out, trust_checkpoint=sweep.trust_checkpoint)
+                          out_dir=sweep.out, trust_checkpoint=sweep.trust_checkpoint, device=sweep.device,
+                          precision=sweep.precision)
 
 
 def _for_task(template: str | None, task: str, key: str) -> str | None:
@@ -183,6 +187,7 @@ def _normalise(sweep: SweepConfig, default_name: str, where: str) -> SweepConfig
         raise ConfigError(f"{where}: executor must be one of {', '.join(EXECUTORS)}, got {sweep.executor!r}")
     if sweep.cache is not None and sweep.cache not in CACHE_MODES:
         raise ConfigError(f"{where}: cache must be one of {', '.join(CACHE_MODES)}, got {sweep.cache!r}")
+    check_runtime(RuntimeConfig(sweep.device or "auto", sweep.precision or "fp32"), where, prefix="")
     if sweep.jobs < 1:
         raise ConfigError(f"{where}: jobs must be at least 1, got {sweep.jobs}")
     if any(lr <= 0 for lr in sweep.lrs):
@@ -228,8 +233,12 @@ def plan_jobs(sweep: SweepConfig) -> list[SweepJob]:
 
 
 def sweep_hash(sweep: SweepConfig) -> str:
-    """12 hex digits of the sha256 of the grid and run options (not of the name or executor settings)."""
-    return sha256_text(json.dumps({k: getattr(sweep, k) for k in GRID_FIELDS}, sort_keys=True))[:12]
+    """12 hex digits of the sha256 of the grid and run options (not of the name or executor settings; the precision
+    only when it is not fp32, so sweeps from before it existed keep their state folder)."""
+    fields = {k: getattr(sweep, k) for k in GRID_FIELDS}
+    if fields["precision"] in (None, "fp32"):
+        del fields["precision"]
+    return sha256_text(json.dumps(fields, sort_keys=True))[:12]
 
 
 def state_dir(sweep: SweepConfig) -> Path:
@@ -381,7 +390,8 @@ def bench_command(req) -> str:
     """The ``bench run`` command line equivalent to a job's request (shown in logs and by ``--dry-run``)."""
     argv = ["bench", "run", "--upstream", req.upstream, "--task", req.task]
     for flag, value in (("--recipe", req.recipe), ("--data-root", req.data_root), ("--cache", req.cache),
-                        ("--layer", req.layer), ("--fold", req.fold)):
+                        ("--layer", req.layer), ("--fold", req.fold), ("--device", req.device),
+                        ("--precision", req.precision)):
         if value is not None:
             argv += [flag, str(value)]
     if req.lrs:
@@ -587,12 +597,14 @@ def run_local(directory: Path, jobs: list[SweepJob], max_jobs: int) -> None:
     log.info("local executor: %d job(s), %d at a time, %d torch thread(s) each", len(jobs), workers, threads)
     for job in jobs:
         update_state(directory, job.job_id, state="pending", error=None)
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers) as pool, Progress(len(jobs), f"sweep {directory.name}", "job",
+                                                       interval_s=0) as bar:
         futures = {pool.submit(_run_local_job, directory, job.job_id, env): job for job in jobs}
         for future in as_completed(futures):
             state = future.result()
             detail = state.get("error") or f"{len(state.get('results', []))} results"
             log.info("job %s %s: %s", futures[future].job_id, state.get("state"), detail)
+            bar.update(1)  # with the jobs done so far, their rate and the ETA
 
 
 def _run_local_job(directory: Path, job_id: str, env: dict) -> dict:

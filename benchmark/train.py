@@ -1,12 +1,26 @@
-"""The one training loop every task uses: explicit, seeded, resumable.
+"""The one training loop every task uses: explicit, seeded, resumable, on one device or several processes.
 
 Batch order is a pure function of ``(seed, epoch)`` (weighted dev resamples of ``(seed, step)``), and the torch RNG
 state is saved with each checkpoint, so a run resumed from its last checkpoint takes exactly the steps an
 uninterrupted run would have taken.
+
+**Device and precision** (:class:`speechbench.runtime.Runtime`): features and targets are moved to the device, the
+forward pass and the loss run under ``torch.autocast`` for bf16/fp16, and fp16 scales the loss with a
+``torch.amp.GradScaler`` whose state is checkpointed.
+
+**torchrun.** The model is wrapped in ``DistributedDataParallel``. Every rank draws the same global micro-batch from
+the schedule and takes its contiguous part of it (:func:`speechbench.runtime.rank_slice`). A task's loss is a mean
+over the utterances of a batch, so rank ``r`` scales its part's mean by ``n_r / n * world_size``; DDP's gradient
+average then equals the gradient of the whole micro-batch's mean, and N processes take the steps one process takes
+(to float rounding; heads with dropout or SpecAugment draw their masks from each rank's own generator, and batch
+norm sees each rank's part). A rank whose part is empty runs one utterance with weight 0, so that it still joins
+the gradient all-reduce. Evaluation shards the batches over the ranks and gathers the predictions in the original
+order. Only rank 0 writes checkpoints (with every rank's RNG state).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,13 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from speechbench.benchmark.config import RunConfig
 from speechbench.common import TrainingDivergedError, atomic_path
 from speechbench.downstreams.data import bucket_by_duration
 from speechbench.downstreams.featurizer import WeightedLayerSum
 from speechbench.downstreams.tasks import Task
+from speechbench.runtime import Progress, Runtime, all_gather_objects, all_reduce_sum, barrier, rank_slice, to_device
 
 log = logging.getLogger("speechbench")
 
@@ -126,12 +140,15 @@ def build_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
 
 
 def evaluate(model: DownstreamModel, task: Task, source, references: Any, batch_size: int,
-             max_batch_s: float | None = None) -> tuple[dict, list]:
+             max_batch_s: float | None = None, runtime: Runtime | None = None) -> tuple[dict, list]:
     """Predict every utterance of ``source`` and score against ``references`` -> (scores, predictions).
 
     Sources that run the upstream on audio (they expose ``durations_s``) are batched by length under
-    ``max_batch_s`` padded seconds; pooled features in fixed-size batches.
+    ``max_batch_s`` padded seconds; pooled features in fixed-size batches. Under torchrun the batches are dealt
+    round-robin to the ranks and the predictions gathered, so every rank returns the same scores and predictions
+    (in the source's order), and each batch is the batch one process would have run.
     """
+    runtime = runtime or Runtime()
     model.eval()
     n = len(source)
     durations_s = getattr(source, "durations_s", None)
@@ -139,12 +156,17 @@ def evaluate(model: DownstreamModel, task: Task, source, references: Any, batch_
         batches = bucket_by_duration(durations_s, max_batch_s, batch_size)
     else:
         batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    predictions: list = [None] * n
+    mine: list[tuple[int, Any]] = []
     with torch.no_grad():
-        for batch in batches:
-            hidden, lengths = source.get(batch)
-            for i, p in zip(batch, task.predict(model(hidden, lengths), lengths), strict=True):
-                predictions[i] = p
+        for batch in batches[runtime.dist.rank::runtime.dist.world_size]:
+            hidden, lengths = to_device(source.get(batch), runtime.device)
+            with runtime.autocast():
+                output = model(hidden, lengths)
+            mine += zip(batch, task.predict(output, lengths), strict=True)
+    predictions: list = [None] * n
+    for part in all_gather_objects(mine):
+        for i, p in part:
+            predictions[i] = p
     model.train()
     return task.score(predictions, references), predictions
 
@@ -153,51 +175,111 @@ def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
     return best is None or (value > best if higher_is_better else value < best)
 
 
+def _rng_state(runtime: Runtime) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if runtime.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(runtime.device)
+    return state
+
+
+def _set_rng_state(state: dict, runtime: Runtime) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and runtime.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], runtime.device)
+
+
+def _wrap(model: DownstreamModel, runtime: Runtime) -> nn.Module:
+    """The module the training steps call: ``DistributedDataParallel`` around the model under torchrun (which
+    also makes every rank start from rank 0's weights), else the model itself."""
+    if not runtime.dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # the layer weights get no gradient when there is one layer or one probed layer (--layer): DDP must then look for
+    # unused parameters at every step, which it otherwise need not (and warns about)
+    unused = model.featurizer.layer is not None or model.featurizer.num_layers == 1
+    return DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+                                   find_unused_parameters=unused)
+
+
 def train(model: DownstreamModel, task: Task, cfg: RunConfig, train_source, train_targets: Any,
           train_durations_s: Sequence[float], dev_source, dev_references: list, ckpt_dir: Path,
           length_buckets: bool = False, on_checkpoint: Callable[[int], None] | None = None,
-          train_weights: Sequence[float] | None = None, dev_weights: Sequence[float] | None = None) -> TrainState:
+          train_weights: Sequence[float] | None = None, dev_weights: Sequence[float] | None = None,
+          runtime: Runtime | None = None) -> TrainState:
     """Train ``model`` for ``cfg.train.max_steps`` updates, keeping the best dev checkpoint in ``ckpt_dir/best.pt``.
 
     ``length_buckets``: batch by length under ``train.max_batch_s`` (frame features), else random batches.
     ``train_weights``: draw training batches by weighted sampling (see :class:`BatchSchedule`). ``dev_weights``:
     select on the dev score of a weighted resample of the dev set, drawn afresh at every evaluation from
     ``(seed, step)`` (s3prl's class-balanced dev loader for KS); the plain dev score is kept in the history.
+    ``runtime``: device, precision and torchrun place (module docstring); default one CPU process in fp32.
     Resumes from ``ckpt_dir/last.pt`` when it exists. Returns the final state (best step and dev value).
     """
-    tc = cfg.train
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tc, runtime = cfg.train, runtime or Runtime()
+    dist, device = runtime.dist, runtime.device
+    if dist.main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(tc.seed)
+    model.to(device)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.precision == "fp16")
     state = TrainState()
     last = ckpt_dir / "last.pt"
+    net = _wrap(model, runtime)
+    if dist.rank:  # the other ranks draw their own dropout and SpecAugment masks
+        torch.manual_seed(tc.seed + 7919 * dist.rank)
     if last.exists():
-        ckpt = torch.load(last, weights_only=True)
+        ckpt = torch.load(last, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        ranks = ckpt.get("rng_ranks") or [{"cpu": ckpt["torch_rng"], **({"cuda": ckpt["cuda_rng"]}
+                                                                         if "cuda_rng" in ckpt else {})}]
+        if dist.rank < len(ranks) and len(ranks) == dist.world_size:
+            _set_rng_state({k: v.cpu() for k, v in ranks[dist.rank].items()}, runtime)
+        elif dist.main:
+            _set_rng_state({k: v.cpu() for k, v in ranks[0].items()}, runtime)
         state = TrainState(ckpt["step"], ckpt["best_step"], ckpt["best_dev"], list(ckpt["history"]))
         log.info("resumed from %s at step %d (best dev %s at step %d)", last, state.step, state.best_dev,
                  state.best_step)
+        barrier()  # every rank has read last.pt before rank 0 may write the next one
     schedule = BatchSchedule(train_durations_s, tc.batch_size, tc.seed, tc.max_batch_s if length_buckets else None,
                              train_weights)
     model.train()
-    bar = tqdm(total=tc.max_steps, initial=state.step, desc="train", unit="step", disable=None)
+    bar = Progress(tc.max_steps, "train", "step", initial=state.step)
     running = []
     while state.step < tc.max_steps:
         optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
+        losses = []
         for k in range(tc.grad_accum):
             draw = state.step * tc.grad_accum + k
             batch = schedule.micro_batch(draw)
-            hidden, lengths = train_source.get(batch, draw=draw)
-            loss = task.loss(model(hidden, lengths), take(train_targets, batch)) / tc.grad_accum
-            loss.backward()
-            step_loss += loss.item()
+            part = rank_slice(len(batch), dist)
+            share = (part.stop - part.start) / len(batch)
+            if share == 0:  # more ranks than utterances: join the all-reduce with one utterance, weighted 0
+                part = slice(0, 1)
+            # one process asks for the whole batch (a source needs no ``part`` argument unless it runs under torchrun)
+            got = train_source.get(batch, draw=draw, part=part) if dist.enabled else train_source.get(batch, draw=draw)
+            hidden, lengths = to_device(got, device)
+            targets = to_device(take(train_targets, batch[part]), device)
+            sync = k == tc.grad_accum - 1 or not dist.enabled
+            with contextlib.nullcontext() if sync else net.no_sync(), runtime.autocast():
+                loss = task.loss(net(hidden, lengths), targets)
+            weight = share * dist.world_size  # 1.0 for one process: the loss exactly as computed
+            scaler.scale(loss * weight / tc.grad_accum).backward()
+            losses.append(loss.detach().float() * share / tc.grad_accum)
+        step_losses = torch.stack(losses)
+        if dist.enabled:  # the whole micro-batches' loss: every rank sees the same value (and the same NaN)
+            step_losses = all_reduce_sum(step_losses.double())
+        step_loss = sum(step_losses.tolist())
         if not np.isfinite(step_loss):
             raise TrainingDivergedError(f"loss became {step_loss} at step {state.step + 1}; lower the learning rate")
+        scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         state.step += 1
         running.append(step_loss)
         bar.update(1)
@@ -207,7 +289,7 @@ def train(model: DownstreamModel, task: Task, cfg: RunConfig, train_source, trai
             running = []
         if state.step % tc.eval_every == 0 or state.step == tc.max_steps:
             scores, predictions = evaluate(model, task, dev_source, dev_references, tc.eval_batch_size,
-                                           tc.max_batch_s)
+                                           tc.max_batch_s, runtime)
             record = {"step": state.step, "loss": step_loss, f"dev_{task.metric}": scores[task.metric]}
             if dev_weights is not None:
                 draw = weighted_resample(dev_weights, tc.seed, state.step)
@@ -218,15 +300,25 @@ def train(model: DownstreamModel, task: Task, cfg: RunConfig, train_source, trai
             improved = is_better(value, state.best_dev, task.higher_is_better)
             if improved:
                 state.best_dev, state.best_step = value, state.step
-                atomic_torch_save(model.state_dict(), ckpt_dir / "best.pt")
+                if dist.main:
+                    atomic_torch_save(model.state_dict(), ckpt_dir / "best.pt")
             state.history.append(record)
             log.info("step %d/%d  loss %.4f  dev %s %.2f%s%s", state.step, tc.max_steps, step_loss, task.metric,
                      value, task.unit, "  (best)" if improved else "")
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "torch_rng": torch.get_rng_state(), "step": state.step,
-                               "best_step": state.best_step, "best_dev": state.best_dev,
-                               "history": state.history}, last)
+            rngs = all_gather_objects(_rng_state(runtime))
+            if dist.main:
+                ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "torch_rng": rngs[0]["cpu"], "step": state.step, "best_step": state.best_step,
+                        "best_dev": state.best_dev, "history": state.history}
+                if scaler.is_enabled():
+                    ckpt["scaler"] = scaler.state_dict()
+                if "cuda" in rngs[0]:
+                    ckpt["cuda_rng"] = rngs[0]["cuda"]
+                if dist.enabled:
+                    ckpt["rng_ranks"] = rngs
+                atomic_torch_save(ckpt, last)
             if on_checkpoint is not None:
                 on_checkpoint(state.step)
     bar.close()
+    barrier()  # rank 0's best.pt is complete before any rank reads it
     return state

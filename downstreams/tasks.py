@@ -40,7 +40,8 @@ class Task:
     targets(utterances, prepared) -> Tensor or list: training targets, indexable by utterance position
     build_head(input_dim, prepared, options) -> nn.Module with forward(x, lengths):
         x is ``[B, T, D]`` frames with ``lengths [B]``, or ``[B, D]`` pooled features with ``lengths=None``
-    loss(output, targets) -> scalar Tensor
+    loss(output, targets) -> scalar Tensor: a mean over the utterances of the batch (a torchrun rank weights its part
+        of a batch by its share, which is exact only for a mean); targets arrive on the features' device
     predict(output, lengths) -> list of predictions (one per utterance)
     references(utterances, prepared) -> list of references, same form as predictions
     score(predictions, references) -> dict with at least ``metric`` (value in ``unit``); ``references`` is

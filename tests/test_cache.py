@@ -127,6 +127,49 @@ def test_frames_entries_match_the_upstream_and_crop(corpus, tmp_path, monkeypatc
     assert not torch.equal(a, cropped.get([3, 0], draw=8)[0])
 
 
+def _cat_parts(source, batch, draw):
+    """``source.get`` of the two parts a 2-process torchrun job takes, padded to one batch again."""
+    parts = [source.get(batch, draw=draw, part=p) for p in (slice(0, 2), slice(2, 3))]
+    t = max(h.shape[2] for h, _ in parts)
+    return (torch.cat([torch.nn.functional.pad(h, (0, 0, 0, t - h.shape[2])) for h, _ in parts]),
+            torch.cat([n for _, n in parts]))
+
+
+def test_a_ranks_part_of_a_batch_is_cropped_as_the_whole_batch(corpus, tmp_path):
+    """Crops are drawn over the whole micro-batch, so the ranks of a torchrun job crop as one process does."""
+    from speechbench.benchmark.features import OnTheFlyFeatures
+
+    root, utts = corpus
+    up = HopStats()
+    frames = _ensure(up, utts, root, "frames", tmp_path / "c").frames(100.0).with_crop(60, seed=1)
+    on_the_fly = OnTheFlyFeatures(up, utts, root, crop_s=0.6, seed=1)
+    for source in (frames, on_the_fly):
+        whole, lengths = source.get([3, 1, 0], draw=5)
+        joined, joined_lengths = _cat_parts(source, [3, 1, 0], draw=5)
+        assert torch.equal(joined_lengths, lengths) and torch.equal(joined, whole)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_precision_keys_the_cache_and_extraction_runs_on_the_device(corpus, tmp_path, device):
+    from speechbench.runtime import Runtime
+
+    root, utts = corpus
+    up = HopStats().to(device)
+    fp32 = FeatureStore.open(up, "hopstats", root=tmp_path / "c")
+    bf16 = FeatureStore.open(up, "hopstats", "bf16", root=tmp_path / "c")
+    assert fp32.directory != bf16.directory and bf16.identity["precision"] == "bf16"
+    runtime = Runtime(torch.device(device), "bf16")
+    got = bf16.ensure(up, utts, root, "frames", max_batch_s=2.5, desc="train", runtime=runtime)
+    assert got.stats.extracted == 5 and up.seen == 5
+    frames = got.frames(100.0, torch.device(device))
+    hidden, lengths = frames.get([3, 0])
+    assert hidden.device.type == device and hidden.dtype == torch.float32 and lengths.device.type == device
+    reference = fp32.ensure(up, utts, root, "pooled", max_batch_s=2.5, desc="train").pooled()
+    assert up.seen == 10  # a fp32 request never reads the bf16 entries
+    torch.testing.assert_close(got.pooled(), reference, rtol=2e-2, atol=1e-3)  # bf16: within about 1 %
+
+
 def test_pooled_requests_reuse_frames_entries_exactly(corpus, tmp_path):
     """Frames entries keep the float32 time-means beside the float16 frames: a pooled request after a frames run
     extracts nothing and gets exactly the means a pooled extraction computes (not the mean of float16 frames)."""

@@ -26,7 +26,7 @@ def tiny_run(tmp_path_factory, synth_tiny):
 
 def test_rerun_reproduces_the_run_inside_its_interval(tiny_run, capsys):
     original = json.loads(tiny_run.read_text())
-    assert main(["rerun", str(tiny_run), "--json", "--resamples", "200"]) == 0
+    assert main(["rerun", str(tiny_run), "--json", "--resamples", "200", "--device", "cpu"]) == 0
     outcome = json.loads(capsys.readouterr().out)
     new_dir = tiny_run.parent.with_name(tiny_run.parent.name + "-r2")
     assert outcome["new"] == str(new_dir / "result.json") and (new_dir / "items.jsonl").is_file()
@@ -36,6 +36,8 @@ def test_rerun_reproduces_the_run_inside_its_interval(tiny_run, capsys):
     assert new["recipe"] == original["recipe"] and (new["seed"], new["learning_rate"]) == (2, 3e-3)
     assert new["upstream"]["checkpoint_sha256"] == original["upstream"]["checkpoint_sha256"]
     assert new["value"] == original["value"] == outcome["original_value"] == outcome["new_value"]
+    assert new["runtime"]["device"] == "cpu" and new["runtime"]["precision"] == "fp32"
+    assert yaml.safe_load(new_dir.joinpath("config.yaml").read_text())["runtime"]["device"] == "cpu"
     lo, hi = outcome["interval"]
     assert lo <= new["value"] <= hi and outcome["inside"] is True
 

@@ -106,6 +106,8 @@ def test_local_paths_become_absolute_and_names_stay_names(tmp_path, monkeypatch)
     ({"upstreams": ["a"], "tasks": ["ks"], "executor": "pbs"}, r"executor must be one of local, slurm, got 'pbs'"),
     ({"upstreams": ["a"], "tasks": ["ks"], "cache": "disk"}, r"cache must be one of auto, pooled, frames, off"),
     ({"upstreams": ["a"], "tasks": ["ks"], "lrs": [0.0]}, r"learning rates must be positive"),
+    ({"upstreams": ["a"], "tasks": ["ks"], "precision": "fp64"}, r"bad.yaml: precision must be one of fp32, bf16"),
+    ({"upstreams": ["a"], "tasks": ["ks"], "device": "gpu"}, r"bad.yaml: device 'gpu': expected auto"),
     ({"upstreams": ["a"], "tasks": ["ks"], "name": "my sweep"}, r"name 'my sweep' must be letters, digits"),
     ({"tasks": ["ks"]}, r"no upstreams \(the sweep file's upstreams: \[\.\.\.\], or --upstream A,B\)"),
     ({"upstreams": ["a"]}, r"no tasks"),
@@ -173,13 +175,15 @@ def test_the_job_is_what_bench_run_does(tmp_path):
     """The ``bench run`` line a job shows is the same request: parsed back by the CLI, every field matches."""
     sweep = load_sweep(None, upstreams=("fbank_no_cmvn",), tasks=("er",), folds=(2,), seeds=(3,),
                        lrs=(1e-2, 0.000123), recipe="synth/{task}", cache="pooled", layer=1, out=str(tmp_path),
-                       overrides=tuple(TINY))
+                       overrides=tuple(TINY), device="cuda:1", precision="bf16")
     (job,) = plan_jobs(sweep)
     req = job.request(sweep)
+    assert (req.device, req.precision) == ("cuda:1", "bf16")
     args = build_parser().parse_args(shlex.split(bench_command(req))[1:])
     assert (args.upstream, args.task, args.recipe, args.fold, args.lr, args.seed, args.cache, args.layer, args.out,
-            tuple(args.overrides)) == (req.upstream, "er", "synth/er", 2, (1e-2, 0.000123), (3,), "pooled", 1,
-                                       req.out_dir, tuple(TINY))
+            tuple(args.overrides), args.device, args.precision) == (
+        req.upstream, "er", "synth/er", 2, (1e-2, 0.000123), (3,), "pooled", 1, req.out_dir, tuple(TINY), "cuda:1",
+        "bf16")
 
 
 @pytest.mark.parametrize("changes, error, message", [
@@ -205,6 +209,10 @@ def test_sweep_identity_is_the_grid_not_the_executor(tmp_path):
     assert state_dir(sweep) == tmp_path.resolve() / ".sweep" / sweep_hash(sweep)
     assert sweep_hash(load_sweep(None, **{**base, "lrs": (1e-3, 1e-2)})) != sweep_hash(sweep)
     assert sweep_hash(load_sweep(None, **base, overrides=("train.max_steps=4",))) != sweep_hash(sweep)
+    # where jobs compute is not what they compute; the precision is (fp32 is the default, so the same sweep)
+    assert sweep_hash(load_sweep(None, **base, device="cuda")) == sweep_hash(sweep)
+    assert sweep_hash(load_sweep(None, **base, precision="fp32")) == sweep_hash(sweep)
+    assert sweep_hash(load_sweep(None, **base, precision="bf16")) != sweep_hash(sweep)
 
 
 # ---------------------------------------------------------------------------------------------------------------

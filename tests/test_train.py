@@ -13,6 +13,7 @@ from speechbench.downstreams.featurizer import WeightedLayerSum
 from speechbench.downstreams.heads import UtteranceLevelHead
 from speechbench.downstreams.ks import KSOptions
 from speechbench.downstreams.tasks import Task
+from speechbench.runtime import Runtime
 
 
 class Interrupt(Exception):
@@ -34,11 +35,11 @@ def _data(n: int, seed: int):
     return PooledFeatures(feats), labels
 
 
-def _run(tmp, on_checkpoint=None, weighted: bool = False, max_steps: int = 60):
+def _run(tmp, on_checkpoint=None, weighted: bool = False, max_steps: int = 60, batch_size: int = 8, runtime=None):
     """Train the toy head; ``weighted``: class-balanced training draws and dev resamples."""
     torch.manual_seed(0)
     model = DownstreamModel(WeightedLayerSum(2), UtteranceLevelHead(8, 16, 3))
-    cfg = RunConfig(task="toy", train=TrainConfig(max_steps=max_steps, batch_size=8, eval_every=10, seed=3))
+    cfg = RunConfig(task="toy", train=TrainConfig(max_steps=max_steps, batch_size=batch_size, eval_every=10, seed=3))
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-2))
     train_src, train_y = _data(64, 1)
     dev_src, dev_y = _data(32, 2)
@@ -46,9 +47,25 @@ def _run(tmp, on_checkpoint=None, weighted: bool = False, max_steps: int = 60):
     if weighted:
         weights = {"train_weights": [1.0 / (train_y == y).sum().item() for y in train_y.tolist()],
                    "dev_weights": [1.0 / (dev_y == y).sum().item() for y in dev_y.tolist()]}
+    runtime = runtime or Runtime()
     state = train(model, _task(), cfg, train_src, train_y, [1.0] * 64, dev_src, dev_y.tolist(), tmp,
-                  on_checkpoint=on_checkpoint, **weights)
+                  on_checkpoint=on_checkpoint, runtime=runtime, **weights)
     return model, state
+
+
+def _assert_resumes_exactly(cut, model, state, **run_options) -> None:
+    """A run interrupted after its checkpoint at step 20, then resumed, ends exactly as ``model``/``state``."""
+
+    def stop_at_20(step):
+        if step == 20:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _run(cut, on_checkpoint=stop_at_20, **run_options)
+    resumed, resumed_state = _run(cut, **run_options)
+    assert resumed_state.history == state.history
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_training_learns_and_keeps_best(tmp_path):
@@ -126,16 +143,7 @@ def test_weighted_training_selects_on_a_resampled_dev_set_and_resumes_exactly(tm
     assert state.best_dev == max(h["dev_accuracy"] for h in state.history)
     assert any(h["dev_accuracy"] != h["dev_accuracy_all"] for h in state.history)  # a resample, not the dev set
 
-    def stop_at_20(step):
-        if step == 20:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        _run(tmp_path / "cut", on_checkpoint=stop_at_20, weighted=True, max_steps=40)
-    resumed, resumed_state = _run(tmp_path / "cut", weighted=True, max_steps=40)
-    assert resumed_state.history == state.history
-    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
+    _assert_resumes_exactly(tmp_path / "cut", model, state, weighted=True, max_steps=40)
 
 
 def test_weighted_resample_is_seeded_by_seed_and_step():
@@ -144,3 +152,21 @@ def test_weighted_resample_is_seeded_by_seed_and_step():
     assert weighted_resample(weights, 0, 10) != weighted_resample(weights, 0, 20)
     draws = Counter(i for step in range(200) for i in weighted_resample(weights, 1, step))
     assert abs(draws[2] / 600 - 0.8) < 0.05
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_learns_and_resumes_exactly(tmp_path, device, precision):
+    """Autocast for the head (and a grad scaler, checkpointed, for fp16) on the device; resume stays exact.
+
+    (Commands refuse fp16 on the CPU, for the upstreams' sake; the loop's scaler logic is the same on every device,
+    so it is tested here on the CPU too.)"""
+    runtime = Runtime(torch.device(device), precision)
+    model, state = _run(tmp_path / "full", runtime=runtime, max_steps=40)
+    assert next(model.parameters()).device.type == device
+    assert state.best_dev > 60.0
+    ckpt = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    assert ("scaler" in ckpt) == (precision == "fp16") and ("cuda_rng" in ckpt) == (device == "cuda")
+
+    _assert_resumes_exactly(tmp_path / "cut", model, state, runtime=runtime, max_steps=40)

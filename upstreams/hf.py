@@ -35,8 +35,9 @@ Conventions (SUPERB / s3prl):
   attention mask gives that directly. A group-norm (Base) model fed a padded batch without attention mask does not
   (its first conv's GroupNorm normalises each channel over time, padding included, and attention sees the padded
   frames); s3prl accepts that, so its Base features depend on the batch. We make padded batches exact instead:
-  for the forward of a padded batch, a hook on that GroupNorm recomputes its statistics over each utterance's valid
-  frames, and the frame mask goes to the encoder (padded frames zeroed before the positional conv, excluded from
+  for the forward of a padded batch, that GroupNorm is swapped for one whose statistics come from each utterance's
+  valid frames (:class:`ValidFrameGroupNorm`, computed in float32 as autocast computes group norms), and the frame
+  mask goes to the encoder (padded frames zeroed before the positional conv, excluded from
   attention). Each utterance then sees exactly what it sees alone, where the convention (no mask, no padding) holds
   trivially; batches of equal lengths run untouched. Should a future ``transformers`` change that layer's layout,
   we fall back to sub-batches of equal-length utterances (also exact, slower on variable lengths); so we do for a
@@ -138,12 +139,26 @@ def extractor_uses_layer_norm(config) -> bool:
 
 def group_norm_over_valid_frames(norm: nn.GroupNorm, x: torch.Tensor, frames: list[int]) -> torch.Tensor:
     """A per-channel GroupNorm (``num_groups == num_channels``) whose statistics use each utterance's first
-    ``frames[b]`` frames only, as if it ran alone. ``x [B, C, T] -> [B, C, T]`` (padded frames get values too)."""
+    ``frames[b]`` frames only, as if it ran alone. ``x [B, C, T] -> [B, C, T]`` (padded frames get values too).
+    Computed in float32 (under autocast, PyTorch runs group norms in float32 too)."""
+    x = x.float()
     # two passes (mean, then mean squared deviation): as exact as torch.var_mean and ~3x faster on CPU
     mean = torch.stack([x[b, :, :n].mean(-1) for b, n in enumerate(frames)])[..., None]
     var = torch.stack([(x[b, :, :n] - mean[b]).square_().mean(-1) for b, n in enumerate(frames)])[..., None]
     scale = torch.rsqrt(var + norm.eps) * norm.weight[:, None]
     return torch.addcmul(norm.bias[:, None] - mean * scale, x, scale)  # one pass over [B, C, T]
+
+
+class ValidFrameGroupNorm(nn.Module):
+    """Stands in for a per-channel ``GroupNorm`` during the forward of a padded batch: the same affine parameters,
+    statistics over each utterance's first ``frames[b]`` frames (:func:`group_norm_over_valid_frames`)."""
+
+    def __init__(self, norm: nn.GroupNorm, frames: list[int]):
+        super().__init__()
+        self.norm, self.frames = norm, frames
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm_over_valid_frames(self.norm, x, self.frames)
 
 
 class HFUpstream(nn.Module):
@@ -207,13 +222,14 @@ class HFUpstream(nn.Module):
     @contextmanager
     def _exact_padding(self, sample_lengths: torch.Tensor) -> Iterator[None]:
         """While active (the forward of a padded batch), each utterance sees what it sees alone: the first GroupNorm
-        normalises it over its own valid frames, and every stacked positional conv layer reads zeros past its
-        valid frames."""
+        normalises it over its own valid frames (swapped for a :class:`ValidFrameGroupNorm`, so the full-length
+        statistics are never computed), and every stacked positional conv layer reads zeros past its valid
+        frames."""
         handles = []
-        if self._masked_norm is not None:
+        conv0 = self.model.feature_extractor.conv_layers[0] if self._masked_norm is not None else None
+        if conv0 is not None:
             first = torch.div(sample_lengths - self.conv_kernel[0], self.conv_stride[0], rounding_mode="floor") + 1
-            handles.append(self._masked_norm.register_forward_hook(
-                lambda module, inputs, output: group_norm_over_valid_frames(module, inputs[0], first.tolist())))
+            conv0.layer_norm = ValidFrameGroupNorm(self._masked_norm, first.tolist())
         if len(self._pos_conv_layers) > 1:
             frames = self.frame_lengths(sample_lengths)
 
@@ -226,6 +242,8 @@ class HFUpstream(nn.Module):
         try:
             yield
         finally:
+            if conv0 is not None:
+                conv0.layer_norm = self._masked_norm
             for handle in handles:
                 handle.remove()
 

@@ -14,6 +14,15 @@ Layout of an output directory ``OUT``:
 Batches are a pure function of ``(seed, step)`` (utterances and crop offsets drawn by a NumPy generator seeded with
 both), and the torch RNG (masks, negatives, dropout) is checkpointed, so a resumed run takes the steps an
 uninterrupted one would have taken.
+
+**Device, precision, torchrun** (:class:`speechbench.runtime.Runtime`): the objective and its batches live on the
+device; the forward pass runs under ``torch.autocast`` for bf16/fp16 (fp16 with a checkpointed grad scaler). Under
+torchrun the objective is wrapped in ``DistributedDataParallel``: every rank draws the same global batch and trains
+on its rows (:func:`speechbench.runtime.rank_slice`), its loss weighted by its share so that the averaged gradient is
+that of the whole batch's mean. For an objective whose loss is a mean over equal crops and draws nothing at random
+(APC) this is the single-process run to float rounding; masks, negatives and codebook statistics (CPC, wav2vec 2.0,
+HuBERT) are drawn per rank from its own part, as in fairseq's data-parallel training. Rank 0 alone writes the
+state, the log and the upstream, with every rank's RNG state.
 """
 
 from __future__ import annotations
@@ -32,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from speechbench.common import SAMPLE_RATE, TrainingDivergedError
+from speechbench.runtime import Progress, Runtime, all_gather_objects, all_reduce_sum, barrier, rank_slice
 from speechbench.upstreams.checkpoints import PRETRAIN_CONFIG, PRETRAIN_UPSTREAM_DIR, CheckpointError
 from speechbench.upstreams.pretrain.base import Objective
 
@@ -192,6 +201,9 @@ def _check_config(out_dir: Path, config: dict) -> bool:
     def comparable(c: dict) -> str:
         c = json.loads(json.dumps(c))
         c.get("train", {}).pop("max_steps", None)
+        runtime = c.pop("runtime", None) or {}  # the device may change on resume; fp32 is what older runs used
+        if runtime.get("precision", "fp32") != "fp32":
+            c["precision"] = runtime["precision"]
         return json.dumps(c, sort_keys=True)
 
     if comparable(saved) != comparable(config):
@@ -214,67 +226,126 @@ def _trim_log(path: Path, step: int) -> None:
     path.write_text("".join(f"{line}\n" for line in keep))
 
 
+def _rng_states(runtime: Runtime) -> list[dict]:
+    """Every rank's torch RNG state (CPU, and CUDA on a GPU), in rank order (a collective under torchrun)."""
+    state = {"cpu": torch.get_rng_state()}
+    if runtime.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(runtime.device)
+    return all_gather_objects(state)
+
+
+def _restore_rng(state: dict, runtime: Runtime) -> None:
+    ranks = state.get("rng_ranks") or [{"cpu": state["torch_rng"], **({"cuda": state["cuda_rng"]}
+                                                                       if "cuda_rng" in state else {})}]
+    if len(ranks) == runtime.dist.world_size or runtime.dist.main:
+        mine = ranks[runtime.dist.rank] if len(ranks) == runtime.dist.world_size else ranks[0]
+        torch.set_rng_state(mine["cpu"].cpu())
+        if "cuda" in mine and runtime.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"].cpu(), runtime.device)
+
+
 def pretrain(objective: Objective, source: AudioSource, optim: PretrainOptim, train: PretrainTrain,
-             out_dir: str | os.PathLike, config: dict, meta: dict, progress: bool = True) -> PretrainSummary:
+             out_dir: str | os.PathLike, config: dict, meta: dict, progress: bool = True,
+             runtime: Runtime | None = None) -> PretrainSummary:
     """Train ``objective`` on random crops of ``source`` for ``train.max_steps`` updates, resuming from ``out_dir``.
 
     ``config`` (the resolved recipe) is saved as ``pretrain.json``; ``meta`` goes into the exported upstream's
-    ``speechbench.json`` (with the step added).
+    ``speechbench.json`` (with the step added). ``runtime``: device, precision and torchrun place (module
+    docstring); default one CPU process in fp32.
     """
+    runtime = runtime or Runtime()
+    dist, device = runtime.dist, runtime.device
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     if not source.paths:
         raise CheckpointError("no training audio (the data source lists no utterances)")
     resuming = _check_config(out_dir, config) and (out_dir / STATE_FILE).exists()
-    _recover_upstream(out_dir)
+    barrier()  # every rank has decided whether it resumes before rank 0 writes anything
+    if dist.main:
+        _recover_upstream(out_dir)
+    objective.to(device)
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.precision == "fp16")
     step = 0
     if resuming:
-        state = torch.load(out_dir / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(out_dir / STATE_FILE, map_location=device, weights_only=True)
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        _restore_rng(state, runtime)
         step = int(state["step"])
         log.info("resuming %s from step %d", out_dir, step)
-        _trim_log(out_dir / LOG_FILE, step)
+        if dist.main:
+            _trim_log(out_dir / LOG_FILE, step)
     else:
-        (out_dir / LOG_FILE).unlink(missing_ok=True)
+        if dist.main:
+            (out_dir / LOG_FILE).unlink(missing_ok=True)
         objective.train()
-        objective.prepare(prepare_batches(source, train), log.info)
-        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        # every rank prepares from the same batches (deterministic), so every rank holds the same state
+        objective.prepare(((w.to(device), n.to(device)) for w, n in prepare_batches(source, train)), log.info)
+        if dist.main:
+            (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     resumed_from = step
+    net: torch.nn.Module = objective
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+        if not resuming:
+            torch.manual_seed(train.seed + 7919 * dist.rank)  # each rank its own masks and negatives
 
     def save(step: int) -> None:
-        _atomic_torch_save({"objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
-                            "torch_rng": torch.get_rng_state(), "step": step}, out_dir / STATE_FILE)
+        rngs = _rng_states(runtime)
+        if not dist.main:
+            return
+        state = {"objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
+                 "torch_rng": rngs[0]["cpu"], "step": step}
+        if "cuda" in rngs[0]:
+            state["cuda_rng"] = rngs[0]["cuda"]
+        if scaler.is_enabled():
+            state["scaler"] = scaler.state_dict()
+        if dist.enabled:
+            state["rng_ranks"] = rngs
+        _atomic_torch_save(state, out_dir / STATE_FILE)
         export_upstream(objective, out_dir, {**meta, "step": step})
 
     objective.train()
     t0, audio_s, last_loss = time.perf_counter(), 0.0, float("nan")
-    bar = tqdm(total=train.max_steps, initial=step, disable=not progress, desc=f"pretrain {objective.family}",
-               unit="step", dynamic_ncols=True)
-    with open(out_dir / LOG_FILE, "a", encoding="utf-8") as log_file:
+    bar = Progress(train.max_steps, f"pretrain {objective.family}", "step", initial=step, enabled=progress)
+    log_file = open(out_dir / LOG_FILE, "a", encoding="utf-8") if dist.main else None
+    try:
         while step < train.max_steps:
             wavs, lengths = step_batch(source, train, step)
+            part = rank_slice(len(wavs), dist)
+            share = (part.stop - part.start) / len(wavs)
+            rows = part if share else slice(0, 1)  # an empty part joins the all-reduce with weight 0
             for group in optimizer.param_groups:
                 group["lr"] = optim.lr * lr_factor(step, optim, train.max_steps)
-            out = objective(wavs, lengths)
-            loss = float(out.loss.detach())
+            with runtime.autocast():
+                out = net(wavs[rows].to(device, non_blocking=True), lengths[rows].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out.loss * (share * dist.world_size)).backward()
+            loss_t = out.loss.detach().float() * share
+            if dist.enabled:  # the whole batch's loss: every rank sees the same value (and the same NaN)
+                loss_t = all_reduce_sum(loss_t.double())
+            loss = float(loss_t)
             if not math.isfinite(loss):
                 raise TrainingDivergedError(f"pretraining {objective.family}: loss is {loss} at step {step + 1} "
-                                         f"(lower optim.lr or raise optim.warmup_steps); last good checkpoint in "
-                                         f"{out_dir}")
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+                                            f"(lower optim.lr or raise optim.warmup_steps); last good checkpoint in "
+                                            f"{out_dir}")
+            scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip))
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             last_loss = loss
             audio_s += float(lengths.sum()) / SAMPLE_RATE
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-            if step % train.log_every == 0 or step == train.max_steps:
+            if log_file is not None and (step % train.log_every == 0 or step == train.max_steps):
                 elapsed = time.perf_counter() - t0
                 row = {"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                        **{k: float(v) for k, v in out.stats.items()}, "audio_s_per_s": audio_s / max(elapsed, 1e-9)}
@@ -282,8 +353,12 @@ def pretrain(objective: Objective, source: AudioSource, optim: PretrainOptim, tr
                 log_file.flush()
             if step % train.save_every == 0 or step == train.max_steps:
                 save(step)
+    finally:
+        if log_file is not None:
+            log_file.close()
     bar.close()
     if step == resumed_from and not (out_dir / UPSTREAM_DIR).exists():
         save(step)  # max_steps reached before this call (or 0): still leave a loadable upstream
+    barrier()  # rank 0's upstream is complete before any rank returns it
     wall = time.perf_counter() - t0
     return PretrainSummary(step, resumed_from, last_loss, audio_s / max(wall, 1e-9), wall, out_dir / UPSTREAM_DIR)
